@@ -1,0 +1,41 @@
+# CoMoTo CLI. `make demo` and `make test` do all set-up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+COMOTO := $(VENV)/bin/comoto
+# The CPU build of torch lies on this disk; a plain `torch` requirement would pull a multi-GB CUDA build.
+TORCH_PIN ?= torch==2.13.0
+DEMO_DIR ?= demo_data
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: install test demo bench schemas lint reproduce clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(PY) -m comoto_cli.demo $(DEMO_DIR)
+
+bench: install
+	$(PY) -m benchmarks.run --out benchmarks/results.json
+
+reproduce: install
+	$(COMOTO) experiment configs/experiment-synthetic.json
+
+schemas: install
+	$(COMOTO) config write-schemas schemas
+
+lint: install
+	$(VENV)/bin/ruff check comoto_cli tests benchmarks
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) runs bench_data

@@ -1,0 +1,3 @@
+from comoto_cli.cli import main
+
+main()

@@ -1,0 +1,272 @@
+"""The HDF5 slice cache: written once by ``comoto preprocess``, read by every later step.
+
+Layout (format version 1; the README's "Cache layout" section says the same):
+
+``/`` attributes
+    ``format_version`` (int), ``modality`` ("dbt" | "mammo"), ``config_json`` and ``config_hash`` (the
+    preprocess config), ``image_height``, ``image_width`` (cache frame), ``source_root``, ``skipped_json``
+    (JSON list of ``{"path", "row", "reason"}`` for inputs skipped with ``--on-error skip``).
+``/volumes/*``: one row per DBT volume or mammogram (V rows), 1-D datasets
+    ``patient_id``, ``study_uid``, ``view``, ``split`` ("train" | "val" | "test"), ``source`` (path relative
+    to the data root), ``label`` (str); ``num_slices``, ``original_height``, ``original_width``,
+    ``volume_slices`` (DBTex VolumeSlices), ``slice_start``, ``slice_count`` (int); ``flipped`` (bool: the
+    official flip rule rotated this volume); ``scale_y``, ``scale_x`` (float: cache pixels per official pixel).
+``/lesions/*``: one row per ground-truth lesion (L rows), in the official frame at full resolution
+    ``volume`` (row in /volumes), ``slice`` (central slice; 0 for mammograms), ``x``, ``y``, ``width``,
+    ``height`` (float64), ``class`` (str).
+``/slices/*``: one row per stored 2-D image (N rows)
+    ``images`` (N, H, W) float16 in [0, 1], one gzip chunk per slice; ``volume``, ``slice_index`` (int);
+    ``box_start``, ``box_count`` (int) index ``boxes`` (M, 4) float32 xyxy in the cache frame and
+    ``box_lesion`` (M,) int (row in /lesions).
+    Training volumes store their training samples (lesion centre slices, optional neighbours, a few normal
+    slices); val/test volumes store **all** their slices, contiguous and in order (volume inference).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from comoto_cli.errors import InputDataError
+
+FORMAT_VERSION = 1
+
+VOLUME_TEXT_FIELDS = ("patient_id", "study_uid", "view", "split", "source", "label")
+VOLUME_INT_FIELDS = ("num_slices", "original_height", "original_width", "volume_slices", "slice_start", "slice_count")
+VOLUME_FLOAT_FIELDS = ("scale_y", "scale_x")
+LESION_FLOAT_FIELDS = ("x", "y", "width", "height")
+
+_STR = h5py.string_dtype("utf-8")
+
+
+@dataclass
+class VolumeRecord:
+    """What the cache keeps about one DBT volume or mammogram (besides its slices)."""
+
+    patient_id: str
+    study_uid: str
+    view: str
+    split: str
+    source: str
+    num_slices: int
+    original_height: int
+    original_width: int
+    scale_y: float
+    scale_x: float
+    flipped: bool = False
+    volume_slices: int = 0
+    label: str = ""
+    # Lesions in the official frame at full resolution: rows of (slice, x, y, width, height) and their class.
+    lesions: list[tuple[int, float, float, float, float]] = field(default_factory=list)
+    lesion_classes: list[str] = field(default_factory=list)
+
+
+class CacheWriter:
+    """Append volumes and their slices, then :meth:`close`. Write to a temporary path and rename it yourself
+    (``comoto_cli.utils.atomic.atomic_path``): this class never renames."""
+
+    def __init__(self, path: str | Path, *, modality: str, image_height: int, image_width: int,
+                 config_json: str, config_hash: str, source_root: str = "", compression_level: int = 4):
+        self.path = Path(path)
+        self.height, self.width = int(image_height), int(image_width)
+        self.file = h5py.File(self.path, "w", libver="latest")
+        self.file.attrs.update({
+            "format_version": FORMAT_VERSION, "modality": modality, "config_json": config_json,
+            "config_hash": config_hash, "image_height": self.height, "image_width": self.width,
+            "source_root": source_root, "skipped_json": "[]",
+        })
+        slices = self.file.create_group("slices")
+        self._images = slices.create_dataset(
+            "images", shape=(0, self.height, self.width), maxshape=(None, self.height, self.width), dtype=np.float16,
+            chunks=(1, self.height, self.width), compression="gzip", compression_opts=compression_level, shuffle=True,
+        )
+        self._volumes: list[VolumeRecord] = []
+        self._slice_volume: list[int] = []
+        self._slice_index: list[int] = []
+        self._box_start: list[int] = []
+        self._box_count: list[int] = []
+        self._boxes: list[np.ndarray] = []
+        self._box_lesion: list[np.ndarray] = []
+        self._num_boxes = 0
+        self._num_lesions = 0
+        self._slice_ranges: list[tuple[int, int]] = []
+
+    def add_volume(self, record: VolumeRecord, slice_indices: list[int], images: np.ndarray,
+                   slice_boxes: list[np.ndarray], slice_box_lesions: list[np.ndarray]) -> int:
+        """Add one volume: ``images`` (k, H, W) in [0, 1] for ``slice_indices``; per slice its cache-frame xyxy
+        boxes and, for each box, the index of the lesion in ``record.lesions`` it comes from. Returns its row."""
+        images = np.asarray(images)
+        if images.ndim != 3 or images.shape[1:] != (self.height, self.width) or len(images) != len(slice_indices):
+            raise ValueError(f"images shape {images.shape} does not match {len(slice_indices)} slices of "
+                             f"{self.height}x{self.width}")
+        volume_row = len(self._volumes)
+        start = self._images.shape[0]
+        record.volume_slices = int(record.volume_slices or record.num_slices)
+        self._images.resize(start + len(images), axis=0)
+        if len(images):
+            self._images[start:start + len(images)] = np.clip(images, 0.0, 1.0).astype(np.float16)
+        for index, boxes, lesion_ids in zip(slice_indices, slice_boxes, slice_box_lesions):
+            boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+            self._slice_volume.append(volume_row)
+            self._slice_index.append(int(index))
+            self._box_start.append(self._num_boxes)
+            self._box_count.append(len(boxes))
+            self._boxes.append(boxes)
+            self._box_lesion.append(np.asarray(lesion_ids, dtype=np.int64).reshape(-1) + self._num_lesions)
+            self._num_boxes += len(boxes)
+        self._num_lesions += len(record.lesions)
+        self._volumes.append(record)
+        self._slice_ranges.append((start, len(slice_indices)))
+        return volume_row
+
+    def set_skipped(self, skipped: list[dict]) -> None:
+        self.file.attrs["skipped_json"] = json.dumps(skipped)
+
+    def close(self) -> None:
+        if self.file is None:
+            return
+        volumes = self.file.create_group("volumes")
+        ranges = self._slice_ranges
+        for name in VOLUME_TEXT_FIELDS:
+            volumes.create_dataset(name, data=np.array([getattr(v, name) for v in self._volumes], dtype=object),
+                                   dtype=_STR)
+        int_values = {
+            "num_slices": [v.num_slices for v in self._volumes],
+            "original_height": [v.original_height for v in self._volumes],
+            "original_width": [v.original_width for v in self._volumes],
+            "volume_slices": [v.volume_slices for v in self._volumes],
+            "slice_start": [r[0] for r in ranges],
+            "slice_count": [r[1] for r in ranges],
+        }
+        for name in VOLUME_INT_FIELDS:
+            volumes.create_dataset(name, data=np.asarray(int_values[name], dtype=np.int64))
+        for name in VOLUME_FLOAT_FIELDS:
+            volumes.create_dataset(name, data=np.asarray([getattr(v, name) for v in self._volumes], dtype=np.float64))
+        volumes.create_dataset("flipped", data=np.asarray([v.flipped for v in self._volumes], dtype=bool))
+
+        lesions = self.file.create_group("lesions")
+        lesion_volume = [row for row, v in enumerate(self._volumes) for _ in v.lesions]
+        lesion_table = np.asarray([les for v in self._volumes for les in v.lesions], dtype=np.float64).reshape(-1, 5)
+        lesions.create_dataset("volume", data=np.asarray(lesion_volume, dtype=np.int64))
+        lesions.create_dataset("slice", data=lesion_table[:, 0].astype(np.int64))
+        for column, name in enumerate(LESION_FLOAT_FIELDS, start=1):
+            lesions.create_dataset(name, data=lesion_table[:, column])
+        classes = [c for v in self._volumes for c in (v.lesion_classes or [""] * len(v.lesions))]
+        lesions.create_dataset("class", data=np.array(classes, dtype=object), dtype=_STR)
+
+        slices = self.file["slices"]
+        slices.create_dataset("volume", data=np.asarray(self._slice_volume, dtype=np.int64))
+        slices.create_dataset("slice_index", data=np.asarray(self._slice_index, dtype=np.int64))
+        slices.create_dataset("box_start", data=np.asarray(self._box_start, dtype=np.int64))
+        slices.create_dataset("box_count", data=np.asarray(self._box_count, dtype=np.int64))
+        boxes = np.concatenate(self._boxes) if self._boxes else np.zeros((0, 4), np.float32)
+        slices.create_dataset("boxes", data=boxes.reshape(-1, 4).astype(np.float32))
+        box_lesion = np.concatenate(self._box_lesion) if self._box_lesion else np.zeros((0,), np.int64)
+        slices.create_dataset("box_lesion", data=box_lesion.astype(np.int64))
+        self.file.close()
+        self.file = None
+
+    def abort(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def _decode(values: np.ndarray) -> np.ndarray:
+    return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values], dtype=object)
+
+
+class SliceCache:
+    """Read side of the cache. Tables are loaded eagerly (small); images lazily, one slice at a time.
+
+    Safe to pass to DataLoader workers: the HDF5 handle is opened on first use in each process.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._file: h5py.File | None = None
+        try:
+            with h5py.File(self.path, "r") as handle:
+                self.attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in handle.attrs.items()}
+                version = int(self.attrs.get("format_version", -1))
+                if version != FORMAT_VERSION:
+                    raise InputDataError(f"cache format version {version}, this comoto reads {FORMAT_VERSION}; "
+                                         "rerun `comoto preprocess`", path=self.path)
+                self.volumes = {name: handle["volumes"][name][()] for name in handle["volumes"]}
+                for name in VOLUME_TEXT_FIELDS:
+                    self.volumes[name] = _decode(self.volumes[name])
+                self.lesions = {name: handle["lesions"][name][()] for name in handle["lesions"]}
+                self.lesions["class"] = _decode(self.lesions["class"])
+                self.slice_volume = handle["slices/volume"][()]
+                self.slice_index = handle["slices/slice_index"][()]
+                self.box_start = handle["slices/box_start"][()]
+                self.box_count = handle["slices/box_count"][()]
+                self.all_boxes = handle["slices/boxes"][()]
+                self.box_lesion = handle["slices/box_lesion"][()]
+        except FileNotFoundError:
+            raise InputDataError("cache file not found", path=self.path) from None
+        except (OSError, KeyError) as exc:
+            raise InputDataError(f"not a readable comoto cache ({exc})", path=self.path) from None
+        self.modality = str(self.attrs["modality"])
+        self.image_height = int(self.attrs["image_height"])
+        self.image_width = int(self.attrs["image_width"])
+        self.skipped = json.loads(self.attrs.get("skipped_json", "[]"))
+
+    # -- pickling for DataLoader workers: never ship an open HDF5 handle
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_file"] = None
+        return state
+
+    def _handle(self) -> h5py.File:
+        if self._file is None:
+            self._file = h5py.File(self.path, "r")
+        return self._file
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    @property
+    def num_volumes(self) -> int:
+        return len(self.volumes["patient_id"])
+
+    @property
+    def num_slices(self) -> int:
+        return len(self.slice_volume)
+
+    def volumes_in_split(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.volumes["split"] == split)
+
+    def slices_in_split(self, split: str) -> np.ndarray:
+        """Rows of /slices whose volume belongs to ``split``."""
+        return np.flatnonzero(self.volumes["split"][self.slice_volume] == split)
+
+    def image(self, row: int) -> np.ndarray:
+        return self._handle()["slices/images"][int(row)].astype(np.float32)
+
+    def images(self, rows: slice) -> np.ndarray:
+        """A contiguous range of slices (volume inference reads one volume at a time)."""
+        return self._handle()["slices/images"][rows].astype(np.float32)
+
+    def boxes(self, row: int) -> np.ndarray:
+        start, count = int(self.box_start[row]), int(self.box_count[row])
+        return self.all_boxes[start:start + count]
+
+    def volume_slice_rows(self, volume: int) -> slice:
+        start = int(self.volumes["slice_start"][volume])
+        return slice(start, start + int(self.volumes["slice_count"][volume]))
+
+    def volume_lesions(self, volume: int) -> np.ndarray:
+        """(k, 5) float64 rows of (slice, x, y, width, height) in the official frame."""
+        rows = np.flatnonzero(self.lesions["volume"] == volume)
+        return np.stack([self.lesions["slice"][rows].astype(np.float64), self.lesions["x"][rows],
+                         self.lesions["y"][rows], self.lesions["width"][rows], self.lesions["height"][rows]], axis=1)
+
+    def preprocess_config(self) -> dict:
+        return json.loads(self.attrs["config_json"])

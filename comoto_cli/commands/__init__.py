@@ -1,0 +1,1 @@
+"""One module per subcommand: parse flags into a validated config, then call the library."""

@@ -1,0 +1,308 @@
+"""Pydantic models for every subcommand's configuration.
+
+Each command's effective config = defaults, then a JSON (or YAML) file given with ``--config``, then the flags
+given on the command line. ``comoto config show COMMAND`` prints it, ``comoto config schema COMMAND`` its JSON
+Schema; ``make schemas`` writes those schemas into ``schemas/`` (a test fails when they are stale).
+Defaults follow the reference implementation (DESIGN.md section 3) unless stated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from comoto_cli.errors import UsageError
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors: a misspelled option must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+OnError = Literal["fail", "skip"]
+
+
+# ---------------------------------------------------------------------------------------------- synth
+class SynthConfig(StrictModel):
+    """`comoto synth`: a synthetic dataset in the real BCS-DBT and VinDr-Mammo layouts."""
+
+    size: Literal["tiny", "demo", "bench"] = Field("tiny", description="preset: tiny (tests), demo, bench")
+    mammograms: int | None = Field(None, ge=2, description="number of mammograms (default: the preset's)")
+    volumes: int | None = Field(None, ge=2, description="number of DBT volumes (default: the preset's)")
+    seed: int = Field(0, ge=0, description="random seed; the same seed writes the same files")
+
+
+# ---------------------------------------------------------------------------------------------- preprocess
+class SplitConfig(StrictModel):
+    """Patient-level split. A dataset's own split column (VinDr `split`) wins when present and respected."""
+
+    val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    seed: int = Field(0, ge=0)
+    respect_dataset_split: bool = True
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> "SplitConfig":
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must be < 1")
+        return self
+
+
+class PreprocessConfig(StrictModel):
+    """`comoto preprocess dbt|mammo`: DICOM + CSV -> HDF5 slice cache."""
+
+    modality: Literal["dbt", "mammo"] = "dbt"
+    image_height: int = Field(2048, ge=16, le=8192, description="cache image height in pixels")
+    image_width: int = Field(1024, ge=16, le=8192, description="cache image width in pixels")
+    split: SplitConfig = SplitConfig()
+    lesion_slice_offset: int = Field(
+        0, ge=0, description="DBT training slices: lesion centre slice +- this many neighbours (0 = centre only)"
+    )
+    normal_slices_per_volume: int = Field(
+        2, ge=0, description="DBT training slices drawn (seeded) from each lesion-free training volume"
+    )
+    on_error: OnError = Field("fail", description="fail: stop at the first bad input; skip: list and go on")
+    workers: int = Field(0, ge=0, description="worker processes; 0 = all cores")
+    compression_level: int = Field(4, ge=0, le=9, description="gzip level of the cache's image chunks")
+    # Explicit CSV paths; when absent they are found in ROOT by their columns.
+    file_paths_csv: Path | None = None
+    labels_csv: Path | None = None
+    boxes_csv: Path | None = None
+    annotations_csv: Path | None = Field(None, description="VinDr-Mammo finding_annotations.csv")
+    manifest_csv: Path | None = Field(None, description="generic manifest: path, patient_id, xmin, ymin, xmax, ymax")
+
+
+# ---------------------------------------------------------------------------------------------- model
+Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101"]
+
+
+class ModelConfig(StrictModel):
+    """2D RetinaNet (MONAI) with a ResNet-FPN backbone and one input channel; 2 classes (background, lesion)."""
+
+    backbone: Backbone = "resnet50"
+    width: list[int] = Field(
+        [64, 128, 256, 512], min_length=4, max_length=4, description="ResNet stage widths (tiny models: 8,16,32,64)"
+    )
+    fpn_channels: int = Field(256, ge=4)
+    returned_layers: list[int] = Field([1, 2, 3], min_length=1, description="ResNet stages (1-4) fed to the FPN")
+    anchor_base_sizes: list[float] = Field(
+        [32.0, 32.0], min_length=2, max_length=2, description="base anchor (height, width) at the finest level"
+    )
+    anchor_aspect_ratios: list[float] = Field([0.5, 1.0, 2.0], min_length=1)
+    distill_feature: str = Field(
+        "backbone",
+        description="feature map for ImPA / distillation: 'backbone' (last ResNet stage, as the reference) or an FPN "
+        "level name such as 'fpn0'",
+    )
+    weights: Path | None = Field(None, description="optional user-supplied weights file (state dict, weights_only)")
+    score_threshold: float = Field(0.02, ge=0.0, le=1.0)
+    nms_threshold: float = Field(0.22, gt=0.0, le=1.0)
+    detections_per_image: int = Field(100, ge=1)
+    topk_candidates_per_level: int = Field(1000, ge=1)
+
+    @field_validator("returned_layers")
+    @classmethod
+    def _layers_in_range(cls, layers: list[int]) -> list[int]:
+        if any(layer not in (1, 2, 3, 4) for layer in layers) or sorted(set(layers)) != layers:
+            raise ValueError("returned_layers must be increasing values in 1..4")
+        return layers
+
+
+class OptimConfig(StrictModel):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(5e-5, gt=0.0, description="learning rate")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    scheduler: Literal["step", "cosine", "none"] = "step"
+    step_size: int = Field(30, ge=1, description="StepLR period in epochs")
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+    grad_clip: float | None = Field(None, gt=0.0, description="max gradient norm; none = no clipping")
+
+
+class AugmentConfig(StrictModel):
+    horizontal_flip: float = Field(0.5, ge=0.0, le=1.0, description="probability")
+    vertical_flip: float = Field(0.5, ge=0.0, le=1.0, description="probability")
+    intensity_jitter: float = Field(0.1, ge=0.0, le=1.0, description="max relative contrast/brightness change")
+
+
+class TrainConfig(StrictModel):
+    """Shared by `train-teacher` and `distill`: one engine trains both."""
+
+    cache: Path | None = Field(None, description="HDF5 slice cache made by `comoto preprocess`")
+    out: Path | None = Field(None, description="run folder: checkpoints, metrics.jsonl, config.json")
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    augment: AugmentConfig = AugmentConfig()
+    epochs: int = Field(50, ge=1)
+    batch_size: int = Field(8, ge=1)
+    val_batch_size: int = Field(16, ge=1)
+    num_workers: int = Field(0, ge=0, description="DataLoader workers")
+    seed: int = Field(0, ge=0)
+    amp: bool = Field(True, description="mixed precision when CUDA is available (ignored on CPU)")
+    deterministic: bool = True
+    best_metric: str = Field("mean_sensitivity", description="validation metric that picks best.pt")
+    log_every: int = Field(10, ge=1, description="steps between progress updates")
+
+
+class TeacherConfig(TrainConfig):
+    """`comoto train-teacher`: RetinaNet on mammography, optionally with ImPA."""
+
+    impa: bool = Field(True, description="intra-modal point alignment loss")
+    beta: float = Field(2.0, ge=0.0, description="ImPA weight")
+    num_points: Literal[1, 4, 5, 9] = 9
+
+
+class DistillConfig(TrainConfig):
+    """`comoto distill`: the DBT student with LsKD or a baseline."""
+
+    teacher: Path | None = Field(None, description="teacher checkpoint (best.pt of train-teacher)")
+    teacher_cache: Path | None = Field(None, description="mammography cache for the unpaired teacher batches")
+    mode: Literal["lesion", "image", "pretrain", "none"] = "lesion"
+    train_ratio: float = Field(1.0, gt=0.0, le=1.0, description="fraction of training patients kept (seeded)")
+    alpha: float = Field(2.0, ge=0.0, description="distillation weight")
+    temperature: float = Field(4.0, gt=0.0)
+    num_points: Literal[1, 4, 5, 9] = 9
+    distill_start_epoch: int = Field(0, ge=0, description="epoch at which the distillation loss is switched on")
+    best_metric: str = "mean_sensitivity_positive"
+
+
+# ---------------------------------------------------------------------------------------------- inference / eval
+class InferenceConfig(StrictModel):
+    """Volume inference: every slice through the detector, then volume NMS (DESIGN.md section 3)."""
+
+    batch_size: int = Field(16, ge=1)
+    skip_edge_slices: int = Field(0, ge=0, description="slices skipped at each end (the reference skips 4)")
+    nms_iou: float = Field(0.5, gt=0.0, le=1.0)
+    nms_min_score: float = Field(0.001, ge=0.0)
+    nms_window_fraction: float = Field(0.25, gt=0.0, le=1.0, description="window = +- fraction * slices")
+    max_boxes_per_volume: int = Field(100, ge=1)
+
+
+class EvaluateConfig(StrictModel):
+    checkpoint: Path | None = None
+    cache: Path | None = None
+    split: Literal["train", "val", "test"] = "test"
+    predictions: Path | None = None
+    boxes: Path | None = None
+    labels: Path | None = None
+    froc: bool = True
+    out: Path | None = None
+    bootstrap: int = Field(1000, ge=0, description="patient bootstrap resamples for the 95% interval (0 = off)")
+    seed: int = Field(0, ge=0)
+    inference: InferenceConfig = InferenceConfig()
+
+
+class PredictConfig(StrictModel):
+    checkpoint: Path | None = None
+    inputs: list[Path] = Field(default_factory=list)
+    out: Path | None = None
+    format: Literal["csv", "json"] = "csv"
+    overlays: Path | None = None
+    inference: InferenceConfig = InferenceConfig()
+
+
+COMMAND_MODELS: dict[str, type[StrictModel]] = {
+    "synth": SynthConfig,
+    "preprocess": PreprocessConfig,
+    "train-teacher": TeacherConfig,
+    "distill": DistillConfig,
+    "evaluate": EvaluateConfig,
+    "predict": PredictConfig,
+}
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    parts = []
+    for item in error.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        parts.append(f"{field}: {message}")
+    return f"invalid config ({source}): " + "; ".join(parts)
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError("config file not found", path=path) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read config file: {exc}", path=path) from None
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml  # optional dependency
+        except ImportError:
+            raise UsageError("YAML configs need PyYAML (pip install pyyaml); or use JSON", path=path) from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise UsageError(f"invalid YAML: {exc}".splitlines()[0], path=path) from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})", path=path) from None
+    if not isinstance(data, dict):
+        raise UsageError("config file must hold an object (key: value pairs)", path=path)
+    return data
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def set_dotted(target: dict[str, Any], dotted_key: str, value: Any) -> None:
+    """``set_dotted(d, "optim.lr", 0.1)`` sets ``d["optim"]["lr"]``."""
+    *parents, leaf = dotted_key.split(".")
+    for part in parents:
+        target = target.setdefault(part, {})
+    target[leaf] = value
+
+
+def load_config(
+    model: type[M], config_file: Path | None = None, overrides: dict[str, Any] | None = None
+) -> M:
+    """Defaults <- config file <- CLI overrides (dotted keys; ``None`` values mean 'flag not given')."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if config_file is not None:
+        data = _read_config_file(Path(config_file))
+        source = str(config_file)
+    flag_values: dict[str, Any] = {}
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            set_dotted(flag_values, key, value)
+    if flag_values:
+        data = _deep_merge(data, flag_values)
+        source = f"{source} + command-line flags"
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise UsageError(_format_validation_error(exc, source)) from None
+
+
+def config_json(config: BaseModel) -> str:
+    """Canonical JSON (sorted keys) used for hashing and for storing in caches and checkpoints."""
+    return json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+
+def config_hash(config: BaseModel) -> str:
+    return hashlib.sha256(config_json(config).encode()).hexdigest()[:16]
+
+
+def json_schema(model: type[BaseModel]) -> dict[str, Any]:
+    return model.model_json_schema()

@@ -1,0 +1,68 @@
+"""Crash-safe file output: write to a temporary file in the destination folder, then rename.
+
+A killed process leaves either the old file or the new one, never a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from comoto_cli.errors import ComotoError
+
+
+def _temporary_name(destination: Path) -> Path:
+    handle, name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent)
+    os.close(handle)
+    return Path(name)
+
+
+def ensure_writable_dir(folder: str | Path) -> Path:
+    """Create ``folder`` (and parents) or raise a one-line error saying why it cannot be used."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ComotoError(f"cannot create output folder: {exc.strerror or exc}", path=folder) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ComotoError("output folder is not writable", path=folder)
+    return folder
+
+
+@contextlib.contextmanager
+def atomic_path(destination: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``destination``; rename it over ``destination`` on success.
+
+    On any exception the temporary file is removed and ``destination`` is untouched.
+    """
+    destination = Path(destination)
+    ensure_writable_dir(destination.parent)
+    try:
+        temporary = _temporary_name(destination)
+    except OSError as exc:
+        raise ComotoError(f"cannot write: {exc.strerror or exc}", path=destination) from None
+    try:
+        yield temporary
+        os.replace(temporary, destination)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise ComotoError(f"cannot write: {exc.strerror or exc}", path=destination) from None
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(destination: str | Path, text: str) -> None:
+    with atomic_path(destination) as temporary:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def write_json_atomic(destination: str | Path, payload: object) -> None:
+    write_text_atomic(destination, json.dumps(payload, indent=2, sort_keys=False) + "\n")
