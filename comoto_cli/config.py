@@ -45,6 +45,7 @@ class SplitConfig(StrictModel):
     test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     seed: int = Field(0, ge=0)
     respect_dataset_split: bool = True
+    stratify: bool = Field(True, description="split patients with and without lesions separately (each split gets both)")
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self) -> "SplitConfig":
@@ -89,7 +90,10 @@ class ModelConfig(StrictModel):
         [64, 128, 256, 512], min_length=4, max_length=4, description="ResNet stage widths (tiny models: 8,16,32,64)"
     )
     fpn_channels: int = Field(256, ge=4)
-    returned_layers: list[int] = Field([1, 2, 3], min_length=1, description="ResNet stages (1-4) fed to the FPN")
+    returned_layers: list[int] = Field(
+        [2, 3, 4], min_length=1, description="ResNet stages (1-4) fed to the FPN; keep 4 so the last stage, which ImPA and LsKD read by "
+        "default, is trained by the detection loss too",
+    )
     anchor_base_sizes: list[float] = Field(
         [32.0, 32.0], min_length=2, max_length=2, description="base anchor (height, width) at the finest level"
     )

@@ -1,0 +1,236 @@
+"""The DBT student: LsKD (the paper's contribution) and the baselines, on the one shared trainer.
+
+Modes (DESIGN.md section 3):
+
+``lesion``   LsKD. Student initialised from the teacher; the teacher is frozen (eval mode, no gradient) and fed
+             unpaired mammography batches cycling through its cache's training split (lesion images only, since
+             LsKD samples lesion points). Per step: teacher lesion points averaged over its batch -> (C, P);
+             student lesion points averaged over the DBT batch's lesion images -> (C, P) -> learnable
+             Linear(P, P); loss ``alpha * T^2 * KL`` added to the detection loss (``lesion_kd_loss``).
+``image``    Image-level KD baseline: whole feature maps, batch-averaged (C, h*w), Linear(student h*w ->
+             teacher h*w), the same KL (``image_kd_loss``).
+``pretrain`` Student initialised from the teacher, no KD loss.
+``none``     DBT only: from scratch (or ``model.weights``).
+
+Validation every epoch: full volume inference on the val DBT volumes, volume NMS and the DBTex metric; best.pt
+by ``mean_sensitivity_positive``. ``train_ratio`` keeps a seeded, patient-level subset of the training cases
+(recorded in ``train_subset.json`` in the run folder).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from comoto_cli.config import DistillConfig, InferenceConfig
+from comoto_cli.errors import UsageError
+
+KD_MODES = ("lesion", "image")
+TEACHER_MODES = ("lesion", "image", "pretrain")
+SUBSET_FILE = "train_subset.json"
+
+
+def patient_subset(patients: np.ndarray, ratio: float, seed: int) -> np.ndarray:
+    """Seeded patient-level subset for the low-data setting: sorted unique patients, a seeded permutation, the
+    first ``max(1, round(ratio * n))``. Deterministic whatever the order of ``patients``."""
+    unique = np.array(sorted(set(str(p) for p in patients)), dtype=object)
+    if ratio >= 1.0 or len(unique) == 0:
+        return unique
+    keep = max(1, int(round(ratio * len(unique))))
+    order = np.random.default_rng(np.random.SeedSequence([seed, 0x5EED])).permutation(len(unique))
+    return np.array(sorted(unique[order[:keep]]), dtype=object)
+
+
+def training_rows(cache, ratio: float, seed: int) -> tuple[np.ndarray, list[str]]:
+    """Rows of the cache's training slices that belong to the kept patients, and those patients."""
+    rows = cache.slices_in_split("train")
+    patients_of_rows = cache.volumes["patient_id"][cache.slice_volume[rows]]
+    kept = patient_subset(patients_of_rows, ratio, seed)
+    return rows[np.isin(patients_of_rows, kept)], [str(p) for p in kept]
+
+
+def make_volume_val_fn(cache, inference: InferenceConfig, split: str = "val"):
+    """``val_fn`` for the trainer: DBTex metrics of full-volume inference on ``split``."""
+    from comoto_cli.inference.evaluate_checkpoint import dbtex_ground_truth
+    from comoto_cli.inference.volume import predict_cache
+    from comoto_cli.metrics.dbtex import DbtexTables, dbtex_counts, score_dbtex
+
+    boxes, labels = dbtex_ground_truth(cache, split)
+    if len(boxes["X"]) == 0:
+        raise UsageError(f"the {split} split has no lesion volume: the DBTex metric is undefined; preprocess with a "
+                         "larger val fraction", path=cache.path)
+
+    def val_fn(model) -> dict:
+        device = next(model.parameters()).device
+        predictions = predict_cache(model, cache, split, inference, device, progress=False)
+        tables = DbtexTables(predictions=predictions, boxes=boxes, labels=labels)
+        return {**score_dbtex(tables), "num_predictions": int(dbtex_counts(tables).get("predictions", 0))}
+
+    return val_fn
+
+
+def make_lesion_kd_loss(config: DistillConfig, teacher, teacher_batches, student_size, teacher_size):
+    """The trainer's ``extra_loss`` for LsKD: ``{"lskd": ...}``; ``{}`` before ``distill_start_epoch`` or for a
+    DBT batch without lesions (LsKD only distils lesion points)."""
+    from comoto_cli.engine.datasets import move_batch
+    from comoto_cli.losses import has_boxes, lesion_kd_loss, lesion_points, masked_batch_mean
+
+    def lskd(batch, losses, features, ctx):
+        if ctx.epoch < config.distill_start_epoch:
+            return {}
+        student_boxes = [target["boxes"] for target in batch["targets"]]
+        student_mask = has_boxes(student_boxes)
+        if not bool(student_mask.any()):
+            return {}
+        mammo = move_batch(next(teacher_batches), ctx.device)
+        teacher_boxes = [target["boxes"] for target in mammo["targets"]]
+        with torch.no_grad():
+            teacher_map = teacher.distill_features(mammo["images"]).float()
+            teacher_points = masked_batch_mean(
+                lesion_points(teacher_map, teacher_boxes, teacher_size, config.num_points), has_boxes(teacher_boxes))
+        if teacher_points is None:
+            return {}
+        student_points = masked_batch_mean(
+            lesion_points(features.float(), student_boxes, student_size, config.num_points), student_mask)
+        projected = ctx.extra_modules["projection"](student_points)
+        return {"lskd": lesion_kd_loss(projected, teacher_points, config.alpha, config.temperature)}
+
+    return lskd
+
+
+def make_image_kd_loss(config: DistillConfig, teacher, teacher_batches):
+    """The trainer's ``extra_loss`` for the image-level KD baseline: ``{"image_kd": ...}``."""
+    from comoto_cli.engine.datasets import move_batch
+    from comoto_cli.losses import image_kd_loss
+
+    def image_kd(batch, losses, features, ctx):
+        if ctx.epoch < config.distill_start_epoch:
+            return {}
+        mammo = move_batch(next(teacher_batches), ctx.device)
+        with torch.no_grad():
+            teacher_map = teacher.distill_features(mammo["images"]).float()
+        projection = ctx.extra_modules["projection"]
+        return {"image_kd": image_kd_loss(features.float(), teacher_map, projection, config.alpha,
+                                          config.temperature)}
+
+    return image_kd
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_distill(config: DistillConfig, *, resume: bool = False, console=None) -> dict:
+    """Everything ``comoto distill`` does after parsing; returns the trainer's summary."""
+    from comoto_cli.cache import SliceCache
+    from comoto_cli.engine import distributed
+    from comoto_cli.engine.checkpoint import load_detector
+    from comoto_cli.engine.datasets import DetectionDataset, infinite_batches
+    from comoto_cli.engine.trainer import LAST_CHECKPOINT, seed_everything, train
+    from comoto_cli.losses import PointProjection, image_projection
+    from comoto_cli.networks.detector import build_detector
+    from comoto_cli.utils.atomic import ensure_writable_dir, write_json_atomic
+
+    say = console.print if console is not None else print
+    if config.cache is None:
+        raise UsageError("--cache is required (a DBT cache from `comoto preprocess dbt`)")
+    if config.out is None:
+        raise UsageError("--out is required (the run folder)")
+    if config.mode in TEACHER_MODES and config.teacher is None:
+        raise UsageError(f"--teacher is required for --mode {config.mode} (best.pt of `comoto train-teacher`)")
+    if config.mode in KD_MODES and config.teacher_cache is None:
+        raise UsageError(f"--teacher-cache is required for --mode {config.mode} (the mammography cache)")
+    out = Path(config.out)
+    if not resume and (out / LAST_CHECKPOINT).exists():
+        raise UsageError(f"{out} already holds a training run ({LAST_CHECKPOINT}); pass --resume to continue it "
+                         "or choose another --out")
+
+    cache = SliceCache(config.cache)
+    if cache.modality != "dbt":
+        raise UsageError(f"a '{cache.modality}' cache; the student trains on a DBT cache (`comoto preprocess dbt`)",
+                         path=config.cache)
+    student_size = (cache.image_height, cache.image_width)
+    rows, kept_patients = training_rows(cache, config.train_ratio, config.seed)
+    train_set = DetectionDataset(cache, "train", augment=config.augment, seed=config.seed, rows=rows)
+    if len(train_set) == 0:
+        raise UsageError("the train split has no slices", path=config.cache)
+    val_fn = make_volume_val_fn(cache, InferenceConfig(batch_size=config.val_batch_size))
+
+    env = distributed.init_distributed()
+    try:
+        seed_everything(config.seed, config.deterministic)
+        teacher = None
+        teacher_meta: dict = {}
+        model_config = config.model
+        if config.mode in TEACHER_MODES:
+            teacher, teacher_meta = load_detector(Path(config.teacher), map_location="cpu")
+            # Student = teacher architecture: "the reference initialises the student from the teacher".
+            model_config = teacher.config
+        model = build_detector(model_config, student_size)
+        if teacher is not None:
+            model.load_state_dict(teacher.state_dict())
+
+        extra_loss, extra_modules, teacher_info = None, {}, {}
+        if config.mode in KD_MODES:
+            mammo = SliceCache(config.teacher_cache)
+            if mammo.modality != "mammo":
+                raise UsageError(f"--teacher-cache must be a mammography cache, this one is '{mammo.modality}'",
+                                 path=config.teacher_cache)
+            teacher_size = (mammo.image_height, mammo.image_width)
+            if tuple(teacher.image_size) != teacher_size:
+                raise UsageError(f"the teacher was trained on {teacher.image_size[0]}x{teacher.image_size[1]} images,"
+                                 f" the teacher cache holds {teacher_size[0]}x{teacher_size[1]}",
+                                 path=config.teacher_cache)
+            teacher.to(env.device).eval()
+            for parameter in teacher.parameters():
+                parameter.requires_grad_(False)
+            mammo_set = DetectionDataset(mammo, "train", augment=None, lesions_only=config.mode == "lesion")
+            # Each rank draws its own stream of unpaired mammography batches.
+            teacher_batches = infinite_batches(mammo_set, batch_size=config.batch_size,
+                                               seed=config.seed + 7919 * (env.rank + 1))
+            if config.mode == "lesion":
+                extra_modules = {"projection": PointProjection(config.num_points)}
+                extra_loss = make_lesion_kd_loss(config, teacher, teacher_batches, student_size, teacher_size)
+            else:
+                with torch.no_grad():
+                    probe = torch.zeros(1, 1, *student_size)
+                    student_shape = model.distill_features(probe).shape
+                    teacher_shape = teacher.distill_features(torch.zeros(1, 1, *teacher_size).to(env.device)).shape
+                extra_modules = {"projection": image_projection(student_shape, teacher_shape)}
+                extra_loss = make_image_kd_loss(config, teacher, teacher_batches)
+            teacher_info = {"teacher_cache": str(config.teacher_cache),
+                            "teacher_images": len(mammo_set)}
+
+        metadata = {
+            "kind": "student", "modality": "dbt", "mode": config.mode, "cache": str(config.cache),
+            "cache_config_hash": str(cache.attrs.get("config_hash", "")), "train_ratio": config.train_ratio,
+            "train_patients": len(kept_patients),
+            "teacher": None if config.teacher is None else str(config.teacher),
+            "teacher_sha256": None if config.teacher is None else _file_sha256(Path(config.teacher)),
+            "teacher_kind": teacher_meta.get("kind"), **teacher_info,
+        }
+        if env.is_main:
+            ensure_writable_dir(out)
+            write_json_atomic(out / SUBSET_FILE, {"train_ratio": config.train_ratio, "seed": config.seed,
+                                                  "patients": kept_patients, "slices": int(len(rows))})
+            say(f"distill --mode {config.mode}: {len(train_set)} training slices ({train_set.num_with_lesions()} "
+                f"with lesions) from {len(kept_patients)} patients (train_ratio {config.train_ratio}), "
+                f"{len(cache.volumes_in_split('val'))} validation volumes, {student_size[0]}x{student_size[1]}, "
+                f"device {env.device}")
+        summary = train(config, model=model, train_set=train_set, val_fn=val_fn, run_dir=out,
+                        extra_loss=extra_loss, extra_modules=extra_modules, resume=resume, metadata=metadata,
+                        dist_env=env, console=console)
+    finally:
+        distributed.cleanup(env)
+    if env.is_main:
+        best = summary["best_value"]
+        say(f"best {summary['best_metric']} = {best if best is None else round(best, 4)} "
+            f"(epoch {summary['best_epoch']}); checkpoints in {out}")
+    return summary
