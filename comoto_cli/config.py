@@ -210,6 +210,37 @@ class PredictConfig(StrictModel):
     inference: InferenceConfig = InferenceConfig()
 
 
+ExperimentMethod = Literal["none", "pretrain", "image", "lesion", "lesion+impa"]
+
+
+class ExperimentConfig(StrictModel):
+    """`comoto experiment`: the paper's comparison (DBT only, pretraining, image-level KD, LsKD, LsKD + ImPA) at
+    several training ratios and seeds, on one dataset, with one shared teacher per ImPA setting."""
+
+    out: Path = Field(Path("runs/experiment"), description="experiment folder (resumable: finished runs are kept)")
+    synth: SynthConfig | None = Field(
+        SynthConfig(size="demo"), description="synthetic dataset to generate into OUT/data; null = use dbt_root/mammo_root"
+    )
+    dbt_root: Path | None = Field(None, description="BCS-DBT data root (when synth is null)")
+    mammo_root: Path | None = Field(None, description="mammography data root (when synth is null)")
+    preprocess_dbt: PreprocessConfig = PreprocessConfig(modality="dbt")
+    preprocess_mammo: PreprocessConfig = PreprocessConfig(modality="mammo")
+    teacher: TeacherConfig = TeacherConfig()
+    student: DistillConfig = DistillConfig()
+    methods: list[ExperimentMethod] = Field(["none", "pretrain", "image", "lesion", "lesion+impa"], min_length=1)
+    train_ratios: list[float] = Field([0.1, 1.0], min_length=1)
+    seeds: list[int] = Field([0, 1, 2], min_length=1)
+    split: Literal["val", "test"] = "test"
+    bootstrap: int = Field(200, ge=0, description="patient bootstrap resamples per run for its 95% interval")
+
+    @field_validator("train_ratios")
+    @classmethod
+    def _ratios_in_range(cls, ratios: list[float]) -> list[float]:
+        if any(not 0.0 < ratio <= 1.0 for ratio in ratios):
+            raise ValueError("train ratios must be in (0, 1]")
+        return ratios
+
+
 COMMAND_MODELS: dict[str, type[StrictModel]] = {
     "synth": SynthConfig,
     "preprocess": PreprocessConfig,
@@ -217,6 +248,7 @@ COMMAND_MODELS: dict[str, type[StrictModel]] = {
     "distill": DistillConfig,
     "evaluate": EvaluateConfig,
     "predict": PredictConfig,
+    "experiment": ExperimentConfig,
 }
 
 M = TypeVar("M", bound=BaseModel)

@@ -1,0 +1,57 @@
+"""`comoto experiment`: a miniature comparison runs end to end, writes its table and resumes without redoing."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from comoto_cli.cli import main
+from comoto_cli.experiment import seed_interval
+from tests.conftest import TINY_CACHE_SIZE, TINY_TRAIN
+
+
+def test_seed_interval():
+    mean, low, high = seed_interval([0.5, 0.7, 0.6])
+    assert mean == pytest.approx(0.6) and low < 0.6 < high
+    assert seed_interval([0.4]) == (0.4, 0.4, 0.4)
+
+
+def test_miniature_experiment(tmp_path, tiny_synth, capsys):
+    split = {"val_fraction": 0.25, "test_fraction": 0.25}
+    config = {
+        "out": str(tmp_path / "exp"),
+        "synth": None,
+        "dbt_root": str(tiny_synth / "dbt"),
+        "mammo_root": str(tiny_synth / "mammo"),
+        "preprocess_dbt": {**TINY_CACHE_SIZE, "workers": 1, "split": split},
+        "preprocess_mammo": {**TINY_CACHE_SIZE, "workers": 1, "split": split},
+        "teacher": {**TINY_TRAIN, "epochs": 1},
+        "student": {**TINY_TRAIN, "epochs": 1},
+        "methods": ["none", "lesion+impa"],
+        "train_ratios": [1.0],
+        "seeds": [0],
+        "bootstrap": 20,
+    }
+    path = tmp_path / "experiment.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as info:
+        main(["experiment", str(path)])
+    assert info.value.code == 0
+    out = tmp_path / "exp"
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [row["method"] for row in rows] == ["none", "lesion+impa"]
+    for row in rows:
+        assert 0.0 <= float(row["mean_sensitivity_positive"]) <= 1.0
+    assert (out / "results.png").stat().st_size > 0
+    assert "LsKD + ImPA" in (out / "results.md").read_text()
+    assert (out / "teachers" / "impa" / "best.pt").exists() and not (out / "teachers" / "plain").exists()
+    # Rerun: every run is finished, nothing is trained again.
+    stamp = (out / "students" / "none_r1_s0" / "best.pt").stat().st_mtime_ns
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(["experiment", str(path)])
+    assert info.value.code == 0
+    assert (out / "students" / "none_r1_s0" / "best.pt").stat().st_mtime_ns == stamp
+    assert "experiment: DBT only" not in capsys.readouterr().out
