@@ -77,10 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         error_console.print("[bold red]interrupted[/]")
         sys.exit(130)
-    except Exception as exc:  # click usage errors and unexpected failures
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+    except Exception as exc:  # click-style usage errors (typer bundles its own click) and unexpected failures
+        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
             sys.exit(exc.exit_code)
         if _debug():
