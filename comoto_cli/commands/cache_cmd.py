@@ -1,5 +1,42 @@
-"""Placeholder until this subcommand lands (work in progress)."""
+"""``comoto cache info CACHE``: what a slice cache holds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import typer
 
-app = typer.Typer(no_args_is_help=True)
+from comoto_cli.commands.common import console
+
+app = typer.Typer(help="Inspect slice caches made by `comoto preprocess`.", no_args_is_help=True)
+
+
+@app.command("info")
+def info(
+    cache: Path = typer.Argument(..., help="HDF5 cache made by `comoto preprocess`."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Modality, format, config hash, image size, and per split: volumes, patients, slices, lesions, boxes."""
+    from comoto_cli.preprocess.summary import cache_summary
+
+    summary = cache_summary(cache)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    from rich.table import Table
+
+    unit = "volumes" if summary["modality"] == "dbt" else "images"
+    console.print(f"[bold]{summary['path']}[/]: {summary['modality']} cache, format {summary['format_version']}, "
+                  f"config {summary['config_hash']}, images {summary['image_height']}x{summary['image_width']}, "
+                  f"{summary['file_size_bytes'] / 2**20:.1f} MiB, {summary['skipped']} skipped input(s)")
+    table = Table()
+    columns = [(unit, "volumes"), ("patients", "patients"), ("slices", "slices"),
+               ("with boxes", "slices_with_boxes"), ("boxes", "boxes"), ("lesions", "lesions"),
+               (f"{unit} with lesions", "volumes_with_lesions")]
+    table.add_column("split")
+    for title, _ in columns:
+        table.add_column(title, justify="right")
+    for name, counts in [*summary["splits"].items(), ("total", summary["total"])]:
+        table.add_row(name, *(str(counts[key]) for _, key in columns))
+    console.print(table)

@@ -1,8 +1,115 @@
-"""Placeholder until this subcommand lands (work in progress)."""
+"""``comoto evaluate``: the DBTex metric for a submission CSV, or for a checkpoint on a cached split."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from comoto_cli.commands.common import CONFIG_OPTION_HELP, console, resolve_config
+from comoto_cli.config import EvaluateConfig
 from comoto_cli.errors import UsageError
 
 
-def evaluate() -> None:
-    """Not implemented yet."""
-    raise UsageError("'evaluate' is not implemented yet")
+def _copy_atomic(source: Path, destination: Path) -> None:
+    import shutil
+
+    from comoto_cli.utils.atomic import atomic_path
+
+    if destination.exists() and destination.resolve() == source.resolve():
+        return
+    with atomic_path(destination) as temporary:
+        shutil.copyfile(source, temporary)
+
+
+def evaluate(
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Model checkpoint (best.pt) to run."),
+    cache: Path | None = typer.Option(None, "--cache", help="HDF5 cache holding the split to evaluate on."),
+    split: str | None = typer.Option(None, "--split", help="Cache split: train, val or test \\[default: test]."),
+    predictions: Path | None = typer.Option(None, "--predictions", help="DBTex submission CSV to score."),
+    boxes: Path | None = typer.Option(None, "--boxes", help="Ground-truth boxes CSV (BCS-DBT layout)."),
+    labels: Path | None = typer.Option(None, "--labels", help="Volume labels CSV (BCS-DBT layout)."),
+    froc: bool | None = typer.Option(None, "--froc/--no-froc", help="Write froc.png \\[default: --froc]."),
+    out: Path | None = typer.Option(None, "--out", help="Output folder: metrics.json, froc.png, predictions.csv."),
+    bootstrap: int | None = typer.Option(
+        None, "--bootstrap", help="Patient bootstrap resamples for the 95% interval, 0 = off \\[default: 1000]."
+    ),
+    seed: int | None = typer.Option(None, "--seed", help="Bootstrap seed \\[default: 0]."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Slices per inference batch (checkpoint)."),
+    config: Path | None = typer.Option(None, "--config", "-c", help=CONFIG_OPTION_HELP),
+) -> None:
+    """Score detections with the DBTex metric (official semantics, vectorised).
+
+    Either [bold]--predictions P.csv --boxes B.csv --labels L.csv --out DIR[/], or
+    [bold]--checkpoint best.pt --cache CACHE.h5 --out DIR[/] (runs volume inference on --split first).
+    Writes DIR/metrics.json, DIR/froc.png and DIR/predictions.csv.
+    """
+    settings = resolve_config(
+        EvaluateConfig,
+        config,
+        checkpoint=checkpoint,
+        cache=cache,
+        split=split,
+        predictions=predictions,
+        boxes=boxes,
+        labels=labels,
+        froc=froc,
+        out=out,
+        bootstrap=bootstrap,
+        seed=seed,
+        inference__batch_size=batch_size,
+    )
+    csv_inputs = {"--predictions": settings.predictions, "--boxes": settings.boxes, "--labels": settings.labels}
+    model_inputs = {"--checkpoint": settings.checkpoint, "--cache": settings.cache}
+    given_csv = [name for name, value in csv_inputs.items() if value is not None]
+    given_model = [name for name, value in model_inputs.items() if value is not None]
+    if settings.predictions is not None and given_model:
+        raise UsageError(f"--predictions cannot be combined with {' and '.join(given_model)}: score a CSV or a model")
+    if not given_csv and not given_model:
+        raise UsageError("nothing to evaluate: give --predictions, --boxes and --labels, or --checkpoint and --cache")
+    if settings.predictions is None and not given_model:
+        raise UsageError(f"{'/'.join(given_csv)} only apply with --predictions (or evaluate a model with --checkpoint and --cache)")
+    if settings.predictions is not None and (split is not None or batch_size is not None):
+        raise UsageError("--split and --batch-size apply to --checkpoint evaluation, not to --predictions")
+    if settings.out is None:
+        raise UsageError("--out DIR is required (metrics.json, froc.png and predictions.csv go there)")
+
+    if settings.predictions is not None:
+        missing = [name for name, value in csv_inputs.items() if value is None]
+        if missing:
+            raise UsageError(f"--predictions needs {' and '.join(missing)} too")
+        _evaluate_csv(settings)
+        return
+
+    missing = [name for name, value in model_inputs.items() if value is None]
+    if missing:
+        raise UsageError(f"checkpoint evaluation needs {' and '.join(missing)}")
+    try:
+        from comoto_cli.inference.evaluate_checkpoint import evaluate_checkpoint
+    except ModuleNotFoundError as exc:
+        if exc.name != "comoto_cli.inference.evaluate_checkpoint":
+            raise
+        raise UsageError("checkpoint evaluation is not available yet; score a CSV with --predictions") from None
+    # Contract: runs volume inference on the split, writes DIR/predictions.csv and the report through
+    # comoto_cli.metrics.report.write_dbtex_report, and returns the metrics.json payload.
+    evaluate_checkpoint(settings)
+
+
+def _evaluate_csv(settings: EvaluateConfig) -> None:
+    from comoto_cli.metrics.dbtex import read_dbtex_csvs
+    from comoto_cli.metrics.report import write_dbtex_report
+
+    tables = read_dbtex_csvs(settings.predictions, settings.boxes, settings.labels)
+    out_dir = Path(settings.out)
+    write_dbtex_report(
+        out_dir,
+        tables,
+        settings.bootstrap,
+        settings.seed,
+        froc=settings.froc,
+        console=console,
+        extra={"inputs": {name: str(getattr(settings, name)) for name in ("predictions", "boxes", "labels")}},
+    )
+    _copy_atomic(Path(settings.predictions), out_dir / "predictions.csv")
+    written = ["metrics.json", "froc.png", "predictions.csv"] if settings.froc else ["metrics.json", "predictions.csv"]
+    console.print(f"wrote {', '.join(str(out_dir / name) for name in written)}")

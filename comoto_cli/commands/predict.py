@@ -1,8 +1,44 @@
-"""Placeholder until this subcommand lands (work in progress)."""
+"""``comoto predict``: detect lesions in DICOM files (DBT volumes or mammograms) with a trained checkpoint."""
 
-from comoto_cli.errors import UsageError
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from comoto_cli.commands.common import CONFIG_OPTION_HELP, console, resolve_config
+from comoto_cli.config import PredictConfig
 
 
-def predict() -> None:
-    """Not implemented yet."""
-    raise UsageError("'predict' is not implemented yet")
+def predict(
+    inputs: Annotated[Optional[list[Path]], typer.Argument(  # noqa: UP045 - typer needs Optional here
+        help="DICOM files or folders (searched recursively for *.dcm, *.dicom and extension-less DICOM files).",
+        show_default=False)] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        "--checkpoint", help="Trained checkpoint (best.pt of train-teacher or distill).", show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        "--out", help="Output file: DBTex CSV columns then 'path', or JSON records.", show_default=False)] = None,
+    fmt: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        "--format", help="csv (default) or json.", show_default=False)] = None,
+    overlays: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        "--overlays", help="Folder for one PNG per input showing its top detections.", show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        "--batch-size", help="Slices per forward pass (default 16).", show_default=False)] = None,
+    skip_edge_slices: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        "--skip-edge-slices", help="DBT slices skipped at each end (default 0; the reference skips 4).",
+        show_default=False)] = None,
+    config_file: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        "--config", help=CONFIG_OPTION_HELP, show_default=False)] = None,
+) -> None:
+    """Write DBTex-style detections (official reader frame, full resolution) for every input."""
+    config = resolve_config(
+        PredictConfig, config_file, checkpoint=checkpoint, inputs=list(inputs) if inputs else None, out=out,
+        format=fmt, overlays=overlays, inference__batch_size=batch_size,
+        inference__skip_edge_slices=skip_edge_slices,
+    )
+    from comoto_cli.inference.predict import run_predict
+
+    table, num_inputs = run_predict(config)
+    where = f"; overlays in [bold]{config.overlays}[/]" if config.overlays else ""
+    console.print(f"wrote {len(table)} detection(s) for {num_inputs} input(s) to [bold]{config.out}[/]{where}")

@@ -1,5 +1,95 @@
-"""Placeholder until this subcommand lands (work in progress)."""
+"""``comoto preprocess dbt|mammo ROOT --out FILE.h5``: DICOM + CSV -> the HDF5 slice cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
-app = typer.Typer(no_args_is_help=True)
+from comoto_cli.commands.common import CONFIG_OPTION_HELP, console, resolve_config
+
+app = typer.Typer(help="DICOM + CSV -> HDF5 slice cache (resized, split by patient).", no_args_is_help=True)
+
+_ROOT_HELP = "Data root (the folder the CSV paths are relative to)."
+_OUT_HELP = "Cache file to write (HDF5). Written to a temporary file and renamed when complete."
+
+
+def _run(modality: str, root: Path, out: Path, config_file: Path | None, progress: bool, **flags) -> None:
+    from comoto_cli.config import PreprocessConfig
+    from comoto_cli.preprocess.pipeline import preprocess
+    from comoto_cli.preprocess.summary import cache_summary
+
+    config = resolve_config(PreprocessConfig, config_file, modality=modality, **flags)
+    report = preprocess(root, out, config, progress=progress)
+    if report["up_to_date"]:
+        console.print(f"{out}: up to date (same config and inputs); nothing to do")
+        return
+    summary = cache_summary(out)
+    unit = "volumes" if modality == "dbt" else "images"
+    splits = ", ".join(f"{name} {s['volumes']} {unit} / {s['slices']} slices" for name, s in summary["splits"].items())
+    console.print(f"wrote {out} ({summary['file_size_bytes'] / 2**20:.1f} MiB, {config.image_height}x"
+                  f"{config.image_width}): {splits}; {report['computed']} decoded, {report['reused']} reused from "
+                  f"an earlier run, {report['seconds']:.1f} s")
+    if report["skipped"]:
+        from rich.table import Table
+
+        table = Table(title=f"skipped ({len(report['skipped'])}, kept in the cache attribute skipped_json)")
+        for column in ("path", "row", "reason"):
+            table.add_column(column, overflow="fold")
+        for entry in report["skipped"]:
+            table.add_row(str(entry["path"]), "" if entry.get("row") is None else str(entry["row"]),
+                          str(entry["reason"]))
+        console.print(table)
+
+
+@app.command("dbt")
+def dbt(
+    root: Path = typer.Argument(..., help=_ROOT_HELP),
+    out: Path = typer.Option(..., "--out", "-o", help=_OUT_HELP),
+    config: Path | None = typer.Option(None, "--config", "-c", help=CONFIG_OPTION_HELP),
+    image_height: int | None = typer.Option(None, "--image-height", help="Cache image height (pixels)."),
+    image_width: int | None = typer.Option(None, "--image-width", help="Cache image width (pixels)."),
+    val_fraction: float | None = typer.Option(None, "--val-fraction", help="Fraction of patients for validation."),
+    test_fraction: float | None = typer.Option(None, "--test-fraction", help="Fraction of patients for test."),
+    split_seed: int | None = typer.Option(None, "--split-seed", help="Seed of the patient split."),
+    lesion_slice_offset: int | None = typer.Option(
+        None, "--lesion-slice-offset", help="Training slices: lesion centre +- this many neighbours."),
+    normal_slices: int | None = typer.Option(
+        None, "--normal-slices", help="Training slices drawn from each normal training volume."),
+    workers: int | None = typer.Option(None, "--workers", "-j", help="Worker processes (0 = all cores)."),
+    on_error: str | None = typer.Option(None, "--on-error", help="fail (default) or skip bad inputs."),
+    file_paths_csv: Path | None = typer.Option(None, "--file-paths-csv", help="BCS-DBT file-paths CSV."),
+    labels_csv: Path | None = typer.Option(None, "--labels-csv", help="BCS-DBT labels CSV."),
+    boxes_csv: Path | None = typer.Option(None, "--boxes-csv", help="BCS-DBT boxes CSV."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+) -> None:
+    """DBT volumes (BCS-DBT layout) -> slice cache: lesion slices for training, every slice for val/test."""
+    _run("dbt", root, out, config, not no_progress, image_height=image_height, image_width=image_width,
+         split__val_fraction=val_fraction, split__test_fraction=test_fraction, split__seed=split_seed,
+         lesion_slice_offset=lesion_slice_offset, normal_slices_per_volume=normal_slices, workers=workers,
+         on_error=on_error, file_paths_csv=file_paths_csv, labels_csv=labels_csv, boxes_csv=boxes_csv)
+
+
+@app.command("mammo")
+def mammo(
+    root: Path = typer.Argument(..., help=_ROOT_HELP),
+    out: Path = typer.Option(..., "--out", "-o", help=_OUT_HELP),
+    config: Path | None = typer.Option(None, "--config", "-c", help=CONFIG_OPTION_HELP),
+    image_height: int | None = typer.Option(None, "--image-height", help="Cache image height (pixels)."),
+    image_width: int | None = typer.Option(None, "--image-width", help="Cache image width (pixels)."),
+    val_fraction: float | None = typer.Option(None, "--val-fraction", help="Fraction of patients for validation."),
+    test_fraction: float | None = typer.Option(
+        None, "--test-fraction", help="Fraction of patients for test (unused when the dataset has a test split)."),
+    split_seed: int | None = typer.Option(None, "--split-seed", help="Seed of the patient split."),
+    workers: int | None = typer.Option(None, "--workers", "-j", help="Worker processes (0 = all cores)."),
+    on_error: str | None = typer.Option(None, "--on-error", help="fail (default) or skip bad inputs."),
+    annotations_csv: Path | None = typer.Option(
+        None, "--annotations-csv", help="VinDr-Mammo finding_annotations.csv."),
+    manifest_csv: Path | None = typer.Option(
+        None, "--manifest-csv", help="Generic manifest: path, patient_id, xmin, ymin, xmax, ymax."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+) -> None:
+    """Mammograms (VinDr-Mammo layout or a generic manifest) -> slice cache: every image, with its boxes."""
+    _run("mammo", root, out, config, not no_progress, image_height=image_height, image_width=image_width,
+         split__val_fraction=val_fraction, split__test_fraction=test_fraction, split__seed=split_seed,
+         workers=workers, on_error=on_error, annotations_csv=annotations_csv, manifest_csv=manifest_csv)

@@ -1,0 +1,184 @@
+"""Torch datasets over the HDF5 slice cache, shared by the teacher (mammography) and the student (DBT).
+
+A sample is a dict ``{"image": (1, H, W) float32, "boxes": (k, 4) float32 xyxy in cache pixels,
+"labels": (k,) int64 zeros, "row": int}``; :func:`collate_detection` stacks a list of them into
+``{"images": (B, 1, H, W), "targets": [{"boxes", "labels"}...], "rows": (B,) int64}``.
+
+Determinism: the augmentation of sample ``i`` in epoch ``e`` is drawn from a generator seeded with
+``(seed, e, i)``, not from a process-global RNG. The same sample is therefore augmented the same way whether
+it is loaded in the main process or in any DataLoader worker, and a run resumed at an epoch boundary sees the
+same data as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from comoto_cli.cache import SliceCache
+from comoto_cli.config import AugmentConfig
+from comoto_cli.errors import InputDataError
+from comoto_cli.transforms.geometry import hflip_boxes, vflip_boxes
+
+
+def augment_sample(image: np.ndarray, boxes: np.ndarray, augment: AugmentConfig,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Random flips (boxes mirrored with the image) and intensity jitter of an (H, W) image in [0, 1].
+
+    Jitter: ``image * c + b`` with contrast ``c`` in ``1 +- j`` and brightness ``b`` in ``+- j``, clipped to
+    [0, 1], ``j = augment.intensity_jitter``. Pure given ``rng``.
+    """
+    height, width = image.shape
+    # Draw every random number unconditionally so the stream does not depend on which branches fire.
+    draws = rng.random(4)
+    if draws[0] < augment.horizontal_flip:
+        image = image[:, ::-1]
+        boxes = hflip_boxes(boxes, width)
+    if draws[1] < augment.vertical_flip:
+        image = image[::-1, :]
+        boxes = vflip_boxes(boxes, height)
+    jitter = augment.intensity_jitter
+    if jitter > 0:
+        contrast = 1.0 + jitter * (2.0 * draws[2] - 1.0)
+        brightness = jitter * (2.0 * draws[3] - 1.0)
+        image = np.clip(image * contrast + brightness, 0.0, 1.0)
+    return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(boxes, dtype=np.float32)
+
+
+class DetectionDataset(Dataset):
+    """The 2-D images of one split of a cache, with their lesion boxes.
+
+    ``rows`` restricts the dataset to given rows of ``/slices`` (default: every slice of ``split``);
+    ``lesions_only`` keeps the images that have at least one box. ``augment=None`` disables augmentation
+    (validation). The HDF5 file is opened lazily in each worker process (``SliceCache`` pickles without it).
+    """
+
+    def __init__(self, cache: SliceCache | str | Path, split: str = "train", *, augment: AugmentConfig | None = None,
+                 seed: int = 0, rows: Sequence[int] | np.ndarray | None = None, lesions_only: bool = False):
+        self.cache = cache if isinstance(cache, SliceCache) else SliceCache(cache)
+        self.split = split
+        selected = self.cache.slices_in_split(split) if rows is None else np.asarray(rows, dtype=np.int64)
+        if lesions_only:
+            selected = selected[self.cache.box_count[selected] > 0]
+        self.rows = np.asarray(selected, dtype=np.int64)
+        self.augment = augment
+        self.seed = int(seed)
+        self.epoch = 0
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.cache.image_height, self.cache.image_width
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the trainer before each epoch (and before its DataLoader workers are started)."""
+        self.epoch = int(epoch)
+
+    def detach_file_handle(self) -> None:
+        """In a DataLoader worker: forget an HDF5 handle inherited through ``fork`` (the main process may have
+        opened the shared cache, e.g. for validation) so this process opens its own. The inherited one is not
+        closed: closing it here could disturb the parent's."""
+        self.cache = copy.copy(self.cache)
+        self.cache._file = None
+
+    def num_with_lesions(self) -> int:
+        return int(np.count_nonzero(self.cache.box_count[self.rows] > 0))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        row = int(self.rows[index])
+        try:
+            image = self.cache.image(row)
+        except (OSError, KeyError) as exc:
+            raise InputDataError(f"cannot read slice {row} ({exc})", path=self.cache.path) from None
+        boxes = np.asarray(self.cache.boxes(row), dtype=np.float32).reshape(-1, 4)
+        if self.augment is not None:
+            rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+            image, boxes = augment_sample(image, boxes, self.augment, rng)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
+            "boxes": torch.from_numpy(boxes.copy()),
+            "labels": torch.zeros(len(boxes), dtype=torch.int64),
+            "row": row,
+        }
+
+
+def collate_detection(samples: list[dict]) -> dict:
+    """List of samples -> ``{"images": (B, 1, H, W), "targets": [{"boxes", "labels"}], "rows": (B,)}``."""
+    return {
+        "images": torch.stack([s["image"] for s in samples]),
+        "targets": [{"boxes": s["boxes"], "labels": s["labels"]} for s in samples],
+        "rows": torch.tensor([s["row"] for s in samples], dtype=torch.int64),
+    }
+
+
+def move_batch(batch: dict, device: torch.device) -> dict:
+    """Batch onto ``device`` (non_blocking; pinned memory makes that asynchronous on CUDA)."""
+    return {
+        "images": batch["images"].to(device, non_blocking=True),
+        "targets": [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in batch["targets"]],
+        "rows": batch["rows"],
+    }
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: numpy and ``random`` follow the worker's torch seed (itself derived from
+    the loader's seeded generator), so nothing in a worker draws from an unseeded global RNG."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+    info = torch.utils.data.get_worker_info()
+    if info is not None and hasattr(info.dataset, "detach_file_handle"):
+        info.dataset.detach_file_handle()
+
+
+def make_sampler(dataset: Dataset, *, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = False) -> DistributedSampler:
+    """The seeded sampler of every training loader: the order of epoch ``e`` is a permutation seeded with
+    ``seed + e`` (call ``set_epoch``), split across ``world_size`` ranks (1 = the whole permutation).
+
+    ``DistributedSampler`` with explicit rank and world size needs no process group, so one code path serves
+    single-process and DDP training.
+    """
+    return DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+                              drop_last=drop_last)
+
+
+def make_loader(dataset: Dataset, *, batch_size: int, sampler=None, num_workers: int = 0, seed: int = 0,
+                pin_memory: bool = False, shuffle: bool = False) -> DataLoader:
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle if sampler is None else False,
+        num_workers=num_workers, collate_fn=collate_detection, worker_init_fn=seed_worker, generator=generator,
+        pin_memory=pin_memory, persistent_workers=False,
+    )
+
+
+def infinite_batches(dataset: DetectionDataset, *, batch_size: int, seed: int = 0, num_workers: int = 0,
+                     start_epoch: int = 0, pin_memory: bool = False) -> Iterator[dict]:
+    """Endless collated batches over ``dataset``, reshuffled (and re-augmented) at every pass.
+
+    The distillation step draws its unpaired teacher (mammography) batches from this while iterating over the
+    student's own loader. Pass ``k`` uses sampler epoch ``start_epoch + k``; the stream is a function of
+    ``seed`` alone. Raises InputDataError if the dataset is empty.
+    """
+    if len(dataset) == 0:
+        raise InputDataError(f"no images in the '{dataset.split}' split", path=dataset.cache.path)
+    sampler = make_sampler(dataset, seed=seed, shuffle=True)
+    loader = make_loader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, seed=seed,
+                         pin_memory=pin_memory)
+    epoch = start_epoch
+    while True:
+        sampler.set_epoch(epoch)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        yield from loader
+        epoch += 1

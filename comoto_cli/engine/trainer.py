@@ -1,0 +1,386 @@
+"""The one training loop of the project: the mammography teacher and the DBT student both go through
+:func:`train`. Read it top to bottom: setup, resume, then per epoch train -> validate -> checkpoint -> log.
+
+Plug-in points (how ``train-teacher`` and ``distill`` differ without copying the loop):
+
+``extra_loss(batch, losses, features, ctx) -> dict[str, Tensor]``
+    Called inside the (DDP-wrapped) forward after ``model.forward_train`` with the moved ``batch``
+    (``images``, ``targets``, ``rows``), the detector's loss dict, the distillation feature map of the SAME
+    forward pass (``(B, C, h, w)``, in the autograd graph) and a :class:`StepContext`. It returns extra,
+    already weighted loss terms by name (e.g. ``{"impa": ...}`` or ``{"lskd": ...}``); each is added to the
+    total and logged as its own component (epoch mean over the steps that produced it). Return ``{}`` to skip
+    a step (a lesion-free batch). Use ``ctx.generator`` for random choices (reproducible and resumable) and
+    ``ctx.extra_modules[name]`` for trainable helpers. A frozen teacher is captured in the closure.
+``extra_modules: dict[str, nn.Module]``
+    Trainable modules besides the detector (the LsKD ``Linear(P, P)`` projection): moved to the device,
+    optimised with the detector, wrapped by DDP together with it, saved in every checkpoint under
+    ``extra_states`` and restored on resume.
+``val_fn(model) -> dict``
+    Validation metrics of the (unwrapped) detector, in eval mode, called on rank 0 after each epoch; one of its keys is
+    ``config.best_metric`` (higher is better, unless the name contains "loss").
+``metadata``
+    Put into every checkpoint's metadata (e.g. ``kind``, the cache's config hash) next to the epoch, the
+    epoch's metrics and the history the trainer adds itself.
+
+Run folder: ``config.json``, ``metrics.jsonl`` (one line per finished epoch), ``last.pt`` every epoch,
+``best.pt`` when ``best_metric`` improves, ``tensorboard/`` when tensorboard is installed. All writes are atomic
+and ``metrics.jsonl`` is rewritten from the history stored in ``last.pt``, so a killed run resumed with
+``resume=True`` has exactly one metrics line per epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from comoto_cli.config import OptimConfig, TrainConfig
+from comoto_cli.engine import distributed
+from comoto_cli.engine.datasets import make_loader, make_sampler, move_batch
+from comoto_cli.errors import CheckpointError, ComotoError, UsageError
+from comoto_cli.utils.atomic import ensure_writable_dir, write_json_atomic, write_text_atomic
+
+LAST_CHECKPOINT = "last.pt"
+BEST_CHECKPOINT = "best.pt"
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+GRAD_SCALER_KEY = "grad_scaler"
+
+
+@dataclass
+class StepContext:
+    """What an ``extra_loss`` may need about the current step."""
+
+    epoch: int                      # 0-based epoch index
+    step: int                       # 0-based global step (across epochs)
+    step_in_epoch: int
+    model: nn.Module                # the unwrapped detector being trained
+    extra_modules: nn.ModuleDict    # the trainable extra modules (same objects the optimiser updates)
+    device: torch.device
+    generator: torch.Generator      # CPU generator seeded from (seed, rank, step)
+    config: TrainConfig
+
+
+ExtraLoss = Callable[[dict, dict[str, Tensor], Tensor, StepContext], dict[str, Tensor]]
+
+
+class TrainStep(nn.Module):
+    """Detector + extra modules, whose ``forward`` computes every loss term of one step.
+
+    DDP synchronises the gradients of parameters used inside the wrapped module's ``forward``; routing
+    ``forward_train`` and the extra loss through this module is what makes the detector and the extra modules
+    train identically on every rank.
+    """
+
+    def __init__(self, model: nn.Module, extra_modules: nn.ModuleDict, extra_loss: ExtraLoss | None):
+        super().__init__()
+        self.model = model
+        self.extra_modules = extra_modules
+        self.extra_loss = extra_loss
+
+    def forward(self, batch: dict, ctx: StepContext) -> dict[str, Tensor]:
+        losses, features = self.model.forward_train(batch["images"], batch["targets"])
+        losses = dict(losses)
+        if self.extra_loss is not None:
+            extra = self.extra_loss(batch, losses, features, ctx)
+            clash = set(extra) & set(losses)
+            if clash:
+                raise ValueError(f"extra loss terms {sorted(clash)} clash with the detector's loss names")
+            losses.update(extra)
+        return losses
+
+
+# ------------------------------------------------------------------------------------------------ setup helpers
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed Python, numpy and torch; with ``deterministic``, ask torch for deterministic kernels (warn only
+    where none exists, e.g. some CUDA scatter ops) and fix cuBLAS's workspace as its docs require."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    generator = torch.Generator()
+    generator.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1))
+    return generator
+
+
+def build_optimizer(parameters, optim: OptimConfig) -> torch.optim.Optimizer:
+    parameters = [p for p in parameters if p.requires_grad]
+    if optim.name == "sgd":
+        return torch.optim.SGD(parameters, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+    return torch.optim.AdamW(parameters, lr=optim.lr, weight_decay=optim.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, epochs: int):
+    """Stepped once per epoch: StepLR(step_size, gamma), cosine annealing to 0 over ``epochs``, or none."""
+    if optim.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=optim.step_size, gamma=optim.gamma)
+    if optim.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
+    return None
+
+
+def metric_improved(value, best, metric_name: str) -> bool:
+    """Strict improvement; a missing/NaN value never improves, anything beats no best yet."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    if best is None:
+        return True
+    return value < best if "loss" in metric_name else value > best
+
+
+def _jsonable(value):
+    """NaN/inf -> None so metrics.jsonl stays strict JSON."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_metrics(run_dir: Path, history: list[dict]) -> None:
+    write_text_atomic(run_dir / METRICS_FILE, "".join(json.dumps(record) + "\n" for record in history))
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _open_tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
+def _progress(enabled: bool, console=None):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[losses]}"), console=console, disable=not enabled, transient=False,
+    )
+
+
+def _format_losses(losses: dict[str, float]) -> str:
+    return " ".join(f"{name} {value:.4f}" for name, value in losses.items())
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+def train(
+    config: TrainConfig,
+    *,
+    model: nn.Module,
+    train_set,
+    val_fn: Callable[[nn.Module], dict] | None,
+    run_dir: str | Path,
+    extra_loss: ExtraLoss | None = None,
+    extra_modules: dict[str, nn.Module] | None = None,
+    resume: bool = False,
+    metadata: dict | None = None,
+    dist_env: distributed.DistEnv | None = None,
+    console=None,
+) -> dict:
+    """Train ``model`` on ``train_set`` for ``config.epochs`` epochs (see the module docstring for the hooks).
+
+    ``train_set`` yields the samples of :mod:`comoto_cli.engine.datasets` (``set_epoch`` is called when it has
+    one). Returns ``{"run_dir", "epochs", "best_metric", "best_value", "best_epoch", "history", "last", "best"}``.
+    """
+    from comoto_cli.engine.checkpoint import (
+        capture_rng_state,
+        load_checkpoint,
+        restore_rng_state,
+        save_checkpoint,
+    )
+
+    env = dist_env or distributed.init_distributed()
+    device = env.device
+    run_dir = Path(run_dir)
+    if env.is_main:
+        ensure_writable_dir(run_dir)
+    seed_everything(config.seed, config.deterministic)
+    if len(train_set) == 0:
+        raise ComotoError("the training set is empty")
+
+    # -- model, extra modules, optimiser, scheduler, AMP
+    model.to(device)
+    extras = nn.ModuleDict(extra_modules or {}).to(device)
+    step_module: nn.Module = TrainStep(model, extras, extra_loss)
+    if env.enabled:
+        # Parameters may legitimately get no gradient in a step (layer4 feeds only ImPA/LsKD, which skip
+        # lesion-free batches; an LsKD projection before distill_start_epoch): let DDP find them.
+        step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=None, find_unused_parameters=True)
+    parameters = list(model.parameters()) + list(extras.parameters())
+    optimizer = build_optimizer(parameters, config.optim)
+    scheduler = build_scheduler(optimizer, config.optim, config.epochs)
+    use_amp = bool(config.amp and device.type == "cuda")
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    # -- resume
+    start_epoch, history = 0, []
+    best_value, best_epoch = None, None
+    last_path, best_path = run_dir / LAST_CHECKPOINT, run_dir / BEST_CHECKPOINT
+    if resume and last_path.exists():
+        state = load_checkpoint(last_path, map_location="cpu")
+        meta = state["metadata"]
+        try:
+            model.load_state_dict(state["model_state"])
+            for name, module in extras.items():
+                module.load_state_dict(state["extra_states"][name])
+            optimizer.load_state_dict(state["optimizer_state"])
+            if scheduler is not None and state.get("scheduler_state") is not None:
+                scheduler.load_state_dict(state["scheduler_state"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"cannot resume: checkpoint does not match this run ({exc})".splitlines()[0],
+                                  path=last_path) from None
+        if meta.get(GRAD_SCALER_KEY):
+            scaler.load_state_dict(meta[GRAD_SCALER_KEY])
+        if state.get("rng_state") is not None:
+            restore_rng_state(state["rng_state"])
+        start_epoch = int(meta["epoch"])
+        history = list(meta.get("history", []))[:start_epoch]
+        best_value, best_epoch = meta.get("best_value"), meta.get("best_epoch")
+    elif resume and env.is_main:
+        (console.print if console else print)(f"no {last_path} to resume from: starting from scratch")
+
+    if env.is_main:
+        write_json_atomic(run_dir / CONFIG_FILE, config.model_dump(mode="json"))
+        write_metrics(run_dir, history)  # drop lines of epochs that never reached last.pt
+    distributed.barrier(env)
+
+    sampler = make_sampler(train_set, seed=config.seed, shuffle=True, rank=env.rank, world_size=env.world_size)
+    loader = make_loader(train_set, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers,
+                         seed=config.seed, pin_memory=device.type == "cuda")
+    steps_per_epoch = len(loader)
+    writer = _open_tensorboard(run_dir) if env.is_main else None
+    say = (console.print if console else print) if env.is_main else (lambda *a, **k: None)
+
+    step = start_epoch * steps_per_epoch
+    with _progress(env.is_main, console) as progress:
+        for epoch in range(start_epoch, config.epochs):
+            epoch_start = time.perf_counter()
+            sampler.set_epoch(epoch)
+            if hasattr(train_set, "set_epoch"):
+                train_set.set_epoch(epoch)
+            step_module.train()
+            sums: dict[str, float] = {}
+            counts: dict[str, int] = {}
+            lr = optimizer.param_groups[0]["lr"]
+            task = progress.add_task(f"epoch {epoch + 1}/{config.epochs}", total=steps_per_epoch, losses="")
+
+            # -- train one epoch
+            for step_in_epoch, batch in enumerate(loader):
+                batch = move_batch(batch, device)
+                ctx = StepContext(epoch=epoch, step=step, step_in_epoch=step_in_epoch, model=model,
+                                  extra_modules=extras, device=device,
+                                  generator=step_generator(config.seed, env.rank, step), config=config)
+                with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                    losses = step_module(batch, ctx)
+                total = sum(value.float() for value in losses.values())
+                if not torch.isfinite(total):
+                    raise ComotoError(f"loss is not finite at epoch {epoch + 1}, step {step_in_epoch + 1}: "
+                                      f"{ {k: float(v) for k, v in losses.items()} }; lower optim.lr or set "
+                                      "optim.grad_clip")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(total).backward()
+                if config.optim.grad_clip is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(parameters, config.optim.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+
+                for name, value in {**losses, "total": total}.items():
+                    sums[name] = sums.get(name, 0.0) + float(value.detach())
+                    counts[name] = counts.get(name, 0) + 1
+                step += 1
+                if (step_in_epoch + 1) % config.log_every == 0 or step_in_epoch + 1 == steps_per_epoch:
+                    running = {k: sums[k] / counts[k] for k in sums}
+                    progress.update(task, completed=step_in_epoch + 1, losses=_format_losses(running))
+                else:
+                    progress.advance(task)
+            progress.remove_task(task)  # the epoch's summary line below replaces its bar
+            if scheduler is not None:
+                scheduler.step()
+            mean_losses = distributed.reduce_mean(sums, counts, env)
+            train_seconds = time.perf_counter() - epoch_start
+
+            # -- validate (rank 0), share the result
+            val_start = time.perf_counter()
+            model.eval()
+            metrics = val_fn(model) if (val_fn is not None and env.is_main) else {}
+            metrics = _jsonable(distributed.broadcast_object(metrics, env))
+            val_seconds = time.perf_counter() - val_start
+            if val_fn is not None and config.best_metric not in metrics:
+                raise UsageError(f"best_metric: '{config.best_metric}' is not a validation metric (available: "
+                                 f"{', '.join(sorted(metrics))})")
+            value = metrics.get(config.best_metric)
+            is_best = val_fn is not None and metric_improved(value, best_value, config.best_metric)
+            if is_best:
+                best_value, best_epoch = value, epoch + 1
+
+            record = _jsonable({
+                "epoch": epoch + 1, "step": step, "lr": lr, "losses": mean_losses, "val": metrics,
+                "best_metric": config.best_metric, "best_value": best_value, "best_epoch": best_epoch,
+                "is_best": is_best,
+                "time": {"train_s": train_seconds, "val_s": val_seconds,
+                         "epoch_s": time.perf_counter() - epoch_start},
+            })
+            history.append(record)
+
+            # -- checkpoints and logs (rank 0); best.pt first so last.pt never claims a best that is not on disk
+            if env.is_main:
+                meta = {**(metadata or {}), "epoch": epoch + 1, "epochs": config.epochs, "metrics": metrics,
+                        "losses": record["losses"], "best_metric": config.best_metric, "best_value": best_value,
+                        "best_epoch": best_epoch, "history": history, "train_config": config.model_dump(mode="json"),
+                        "world_size": env.world_size, GRAD_SCALER_KEY: scaler.state_dict() if use_amp else None}
+                states = {
+                    "model_state": model.state_dict(), "model_config": model.config,
+                    "image_size": tuple(model.image_size), "optimizer_state": optimizer.state_dict(),
+                    "scheduler_state": scheduler.state_dict() if scheduler is not None else None,
+                    "extra_states": {name: module.state_dict() for name, module in extras.items()},
+                    "rng_state": capture_rng_state(),
+                }
+                if is_best:
+                    save_checkpoint(best_path, metadata=meta, **states)
+                save_checkpoint(last_path, metadata=meta, **states)
+                write_metrics(run_dir, history)
+                if writer is not None:
+                    for name, loss in record["losses"].items():
+                        writer.add_scalar(f"loss/{name}", loss, epoch + 1)
+                    for name, metric in metrics.items():
+                        if isinstance(metric, (int, float)):
+                            writer.add_scalar(f"val/{name}", metric, epoch + 1)
+                    writer.add_scalar("lr", lr, epoch + 1)
+                    writer.flush()
+                best_text = "" if value is None else f"  {config.best_metric} {value:.4f}{' (best)' if is_best else ''}"
+                say(f"epoch {epoch + 1}/{config.epochs}  {_format_losses(record['losses'])}{best_text}  "
+                    f"({record['time']['epoch_s']:.1f} s)")
+            distributed.barrier(env)
+
+    if writer is not None:
+        writer.close()
+    return {
+        "run_dir": str(run_dir), "epochs": config.epochs, "best_metric": config.best_metric,
+        "best_value": best_value, "best_epoch": best_epoch, "history": history,
+        "last": str(last_path), "best": str(best_path) if best_path.exists() else None,
+    }

@@ -1,0 +1,307 @@
+"""``comoto predict``: a trained detector on DICOM files as users have them, DBTex rows out.
+
+Each input is read like the training data (:func:`comoto_cli.data.dicom_io.read_dicom_image`: the official
+reader's frame, VOI window, [0, 1]) and resized with the same area filter as ``comoto preprocess``
+(:func:`comoto_cli.preprocess.resize.resize_area`), so the network sees what it saw in training. DBT volumes
+go through volume inference (every slice, volume NMS); a mammogram is a one-slice volume. Boxes are reported
+in the official frame at full resolution: DBTex columns, then the input's path.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from comoto_cli.config import InferenceConfig, PredictConfig
+from comoto_cli.errors import ComotoError, InputDataError, UsageError
+from comoto_cli.inference.volume import DBTEX_COLUMNS, detect_volume, detections_to_dbtex
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+OUTPUT_COLUMNS = (*DBTEX_COLUMNS, "path")
+# Boxes drawn per overlay panel and panels (distinct slices of the best detections) per overlay.
+OVERLAY_BOXES = 5
+OVERLAY_PANELS = 3
+_BCS_STUDY = re.compile(r"(?:^|-)(DBT-S\d+)(?:-|$)")
+
+
+def _has_dicom_preamble(path: Path) -> bool:
+    """DICOM Part 10 files carry 'DICM' after a 128-byte preamble (how extension-less files are recognised)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def collect_inputs(inputs: list[Path]) -> list[Path]:
+    """Files named directly, plus every ``*.dcm`` / ``*.dicom`` (any case) and extension-less DICOM file
+    found recursively in folders, sorted within each folder; duplicates dropped, order otherwise kept."""
+    if not inputs:
+        raise UsageError("give at least one DICOM file or folder to predict on")
+    found: list[Path] = []
+    for item in inputs:
+        item = Path(item)
+        if item.is_dir():
+            matches = [p for p in sorted(item.rglob("*")) if p.is_file() and (
+                p.suffix.lower() in DICOM_SUFFIXES or (p.suffix == "" and _has_dicom_preamble(p)))]
+            if not matches:
+                raise UsageError("folder holds no DICOM files (*.dcm, *.dicom or extension-less DICOM)", path=item)
+            found.extend(matches)
+        elif item.is_file():
+            found.append(item)
+        else:
+            raise UsageError("input not found", path=item)
+    unique: dict[Path, None] = {}
+    for path in found:
+        unique.setdefault(path.resolve(), None)
+    return list(unique)
+
+
+def dicom_keys(path: Path) -> dict[str, str]:
+    """PatientID, StudyUID and DBTex View (e.g. 'lcc') from the DICOM header (pixels are not read); the view
+    follows the same tags as the reader's flip rule (:func:`comoto_cli.data.dicom_io.view_from_dataset`).
+    StudyUID is BCS-DBT's study key ('DBT-S01234') when the TCIA folder names carry it, else the DICOM
+    StudyInstanceUID."""
+    import pydicom
+
+    from comoto_cli.data.dicom_io import view_from_dataset
+
+    try:
+        dataset = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises several unrelated types for a bad file
+        raise InputDataError(f"cannot read DICOM header: {type(exc).__name__}: {exc}", path=path) from None
+    laterality, position = view_from_dataset(dataset)
+    description = str(dataset.get("SeriesDescription", "") or "").upper()
+    if not position:
+        # Some files (ours from `comoto synth` among them) name the view only in the series description,
+        # e.g. "L CC Tomosynthesis Reconstruction".
+        match = re.search(r"\b(CC|MLO|XCCL|ML|LM)\b", description)
+        position = match.group(1).lower() if match else ""
+    if not laterality:
+        match = re.match(r"\s*([LR])\b", description)
+        laterality = match.group(1).lower() if match else ""
+    # BCS-DBT's CSVs (and so DBTex scoring) key studies as 'DBT-S01234', which the TCIA folder names carry,
+    # not by the DICOM StudyInstanceUID; use that key when the path has it.
+    bcs_study = [m.group(1) for part in Path(path).parts for m in [_BCS_STUDY.search(part)] if m]
+    return {"PatientID": str(dataset.get("PatientID", "") or "").strip(),
+            "StudyUID": bcs_study[-1] if bcs_study else str(dataset.get("StudyInstanceUID", "") or "").strip(),
+            "View": laterality + position if laterality and position else ""}
+
+
+class ResizedVolume:
+    """An official-frame (S, rows, cols) volume seen at the model's size: slices resized batch by batch with
+    the preprocess area filter, so a full-resolution volume is never resized (and doubled) all at once."""
+
+    def __init__(self, volume: np.ndarray, height: int, width: int):
+        self.volume = volume
+        self.shape = (volume.shape[0], int(height), int(width))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        from comoto_cli.preprocess.resize import resize_area
+
+        return resize_area(self.volume[index], self.shape[1], self.shape[2])
+
+
+@dataclass
+class InputPrediction:
+    path: Path
+    kind: str
+    keys: dict[str, str]
+    rows: dict[str, np.ndarray]
+    image_shape: tuple[int, ...] = field(default_factory=tuple)
+
+
+def predict_array(model, image: np.ndarray, kind: str, config: InferenceConfig, device) -> dict[str, np.ndarray]:
+    """DBTex rows (no key columns) of one official-frame image: (S, rows, cols) for 'dbt', (rows, cols) for
+    'mammo'. Mammograms keep the detector's own NMS (there is no neighbouring slice to compare with)."""
+    volume = image[None] if kind == "mammo" else image
+    if volume.ndim != 3 or min(volume.shape) < 1:
+        raise ValueError(f"unexpected image shape {image.shape} for kind {kind!r}")
+    height, width = (int(v) for v in model.image_size)
+    scale_y, scale_x = height / volume.shape[1], width / volume.shape[2]
+    source = ResizedVolume(volume, height, width)
+    if kind == "mammo":
+        inference = config.model_copy(update={"skip_edge_slices": 0})
+        detections = detect_volume(model, source, config=inference, device=device)
+        keep = np.flatnonzero(detections["scores"] >= config.nms_min_score)
+        keep = keep[np.argsort(-detections["scores"][keep], kind="stable")][: config.max_boxes_per_volume]
+        from comoto_cli.transforms.geometry import cache_to_official
+
+        xywh = cache_to_official(detections["boxes"][keep], scale_y, scale_x)
+        return {"X": xywh[:, 0], "Width": xywh[:, 2], "Y": xywh[:, 1], "Height": xywh[:, 3],
+                "Z": np.zeros(len(keep), np.int64), "Depth": np.zeros(len(keep), np.int64),
+                "Score": detections["scores"][keep].astype(np.float64)}
+    detections = detect_volume(model, source, config=config, device=device)
+    return detections_to_dbtex(detections, scale_y=scale_y, scale_x=scale_x, num_slices=len(source), config=config)
+
+
+def read_input(path: Path) -> tuple[np.ndarray, str]:
+    """``read_dicom_image`` with every failure turned into one line naming the file."""
+    from comoto_cli.data.dicom_io import read_dicom_image
+
+    try:
+        image, kind = read_dicom_image(path)
+    except ComotoError as exc:
+        if exc.path is None:
+            raise InputDataError(exc.reason, path=path) from None
+        raise
+    except MemoryError:
+        raise InputDataError("not enough memory to decode this image", path=path) from None
+    except Exception as exc:  # noqa: BLE001 - decoders raise many unrelated types for a corrupt file
+        raise InputDataError(f"cannot read DICOM image: {type(exc).__name__}: {exc}", path=path) from None
+    return np.asarray(image), str(kind)
+
+
+def predict_inputs(model, paths: list[Path], config: InferenceConfig, device, *, overlays: Path | None = None,
+                   progress: bool = True) -> list[InputPrediction]:
+    """Predict every input; with ``overlays`` write one PNG per input there as it goes."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    results: list[InputPrediction] = []
+    names = overlay_names(paths) if overlays is not None else []
+    model.to(device)
+    with Progress(TextColumn("[bold]predict[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  disable=not progress, transient=True) as bar:
+        task = bar.add_task("", total=len(paths))
+        for index, path in enumerate(paths):
+            bar.update(task, description=path.name)
+            image, kind = read_input(path)
+            keys = dicom_keys(path)
+            if kind not in ("dbt", "mammo"):
+                raise InputDataError(f"unsupported image kind {kind!r}", path=path)
+            rows = predict_array(model, image, kind, config, device)
+            result = InputPrediction(path=path, kind=kind, keys=keys, rows=rows, image_shape=tuple(image.shape))
+            if overlays is not None:
+                write_overlay(overlays / names[index], image, kind, result)
+            results.append(result)
+            del image
+            bar.advance(task)
+    return results
+
+
+def records(results: list[InputPrediction]) -> list[dict]:
+    """One dict per predicted box: DBTex columns then ``path``; best first within each input."""
+    table = []
+    for result in results:
+        rows = result.rows
+        for i in range(len(rows["Score"])):
+            table.append({
+                "PatientID": result.keys["PatientID"], "StudyUID": result.keys["StudyUID"],
+                "View": result.keys["View"],
+                "X": round(float(rows["X"][i]), 3), "Width": round(float(rows["Width"][i]), 3),
+                "Y": round(float(rows["Y"][i]), 3), "Height": round(float(rows["Height"][i]), 3),
+                "Z": int(rows["Z"][i]), "Depth": int(rows["Depth"][i]), "Score": float(rows["Score"][i]),
+                "path": str(result.path),
+            })
+    return table
+
+
+def write_output(path: Path, table: list[dict], fmt: str) -> None:
+    from comoto_cli.utils.atomic import write_json_atomic
+    from comoto_cli.utils.csvio import write_csv_atomic
+
+    if fmt == "json":
+        write_json_atomic(path, table)
+    else:
+        write_csv_atomic(path, OUTPUT_COLUMNS, ([record[name] for name in OUTPUT_COLUMNS] for record in table))
+
+
+# ---------------------------------------------------------------------------------------------- overlays
+def overlay_names(paths: list[Path]) -> list[str]:
+    """Unique PNG names: the path below the inputs' common folder, separators as '__' (BCS-DBT names every
+    file 1-1.dcm, so the file name alone would collide)."""
+    import os
+
+    parents = [str(p.parent) for p in paths]
+    common = Path(os.path.commonpath(parents)) if parents else Path(".")
+    names = []
+    for path in paths:
+        relative = path.relative_to(common).with_suffix("")
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", "__".join(relative.parts)) or "input"
+        names.append(stem + ".png")
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        count = seen.get(name, 0)
+        seen[name] = count + 1
+        if count:
+            names[i] = f"{name[:-4]}-{count}.png"
+    return names
+
+
+def overlay_slices(rows: dict[str, np.ndarray], num_slices: int) -> list[int]:
+    """Slices to show: those of the best detections (distinct, best first); the central slice if none."""
+    chosen: list[int] = []
+    for z in rows["Z"][np.argsort(-rows["Score"], kind="stable")]:
+        if int(z) not in chosen:
+            chosen.append(int(z))
+        if len(chosen) == OVERLAY_PANELS:
+            break
+    return chosen or [num_slices // 2]
+
+
+def write_overlay(path: Path, image: np.ndarray, kind: str, result: InputPrediction) -> None:
+    """A PNG for a person to look at: the slice(s) of the top detections with their boxes and scores."""
+    # The Agg canvas directly, not pyplot: no display and no global backend state.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    from comoto_cli.utils.atomic import atomic_path
+
+    volume = image[None] if kind == "mammo" else image
+    rows = result.rows
+    slices = overlay_slices(rows, len(volume))
+    aspect = volume.shape[1] / max(volume.shape[2], 1)
+    panel_width = 4.0
+    figure = Figure(figsize=(panel_width * len(slices), panel_width * aspect + 0.8), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(slices), squeeze=False)
+    order = np.argsort(-rows["Score"], kind="stable")
+    for axis, z in zip(axes[0], slices):
+        axis.imshow(volume[z], cmap="gray", vmin=0.0, vmax=1.0, interpolation="antialiased")
+        on_slice = [i for i in order if int(rows["Z"][i]) == z][:OVERLAY_BOXES]
+        for rank, i in enumerate(on_slice):
+            color = "red" if rank == 0 else "orange"
+            axis.add_patch(Rectangle((rows["X"][i], rows["Y"][i]), rows["Width"][i], rows["Height"][i],
+                                     fill=False, edgecolor=color, linewidth=1.5))
+            axis.text(rows["X"][i], rows["Y"][i] - 8, f"{rows['Score'][i]:.2f}", color=color, fontsize=8,
+                      va="bottom", ha="left", bbox={"facecolor": "black", "alpha": 0.5, "pad": 1, "linewidth": 0})
+        label = f"slice {z}" if kind == "dbt" else "mammogram"
+        axis.set_title(label if on_slice else f"{label}: no detections", fontsize=9)
+        axis.set_axis_off()
+    key = " ".join(v for v in (result.keys["PatientID"], result.keys["View"]) if v)
+    figure.suptitle(f"{result.path.name}  {key}".strip(), fontsize=10)
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=100)
+
+
+def run_predict(config: PredictConfig, progress: bool = True) -> tuple[list[dict], int]:
+    """The whole command: inputs -> detector -> ``config.out`` (CSV or JSON) and optional overlays.
+
+    Returns the records written and the number of inputs. The output file is written once, atomically, after every input succeeded.
+    """
+    from comoto_cli.engine.checkpoint import load_detector
+    from comoto_cli.inference.evaluate_checkpoint import pick_device
+    from comoto_cli.utils.atomic import ensure_writable_dir
+
+    if config.checkpoint is None:
+        raise UsageError("predict needs --checkpoint (a best.pt written by train-teacher or distill)")
+    if config.out is None:
+        raise UsageError("predict needs --out (the CSV or JSON file to write)")
+    paths = collect_inputs(list(config.inputs))
+    model, _metadata = load_detector(config.checkpoint, map_location="cpu")
+    if config.overlays is not None:
+        ensure_writable_dir(config.overlays)
+    results = predict_inputs(model, paths, config.inference, pick_device(), overlays=config.overlays,
+                             progress=progress)
+    table = records(results)
+    write_output(config.out, table, config.format)
+    return table, len(paths)

@@ -1,0 +1,283 @@
+"""The CoMoTo detector: a 2-D MONAI RetinaNet (one foreground class, "lesion") on a ResNet-FPN, no torchvision.
+
+The paper's "2 classes" are background + lesion; RetinaNet's sigmoid classifier models only the foreground, so the
+MONAI network has ``num_classes = 1`` and every target label is 0.
+
+Box convention at this module's boundary: ``(x_min, y_min, x_max, y_max)`` in image pixels, x = column. MONAI's
+detection code orders box coordinates by tensor axis (axis 0 = rows first), so boxes are swapped on the way in and
+out; nothing else in the project sees MONAI's order.
+
+Training returns the detection losses *and* the distillation feature map of the same forward pass (the map that
+ImPA and LsKD act on, see :mod:`comoto_cli.networks.backbone`); MONAI's own ``forward`` returns only losses in
+training mode, so the heads, anchors and ``compute_loss`` are driven here directly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
+from monai.apps.detection.networks.retinanet_network import RetinaNet
+from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
+from monai.apps.detection.utils.ATSS_matcher import ATSSMatcher
+from monai.losses import FocalLoss
+from torch import Tensor, nn
+
+from comoto_cli.config import ModelConfig
+from comoto_cli.errors import UsageError
+from comoto_cli.networks.backbone import (
+    ResNetFPNBackbone,
+    build_backbone,
+    distill_feature_stride,
+    fpn_level_strides,
+    validate_distill_feature,
+)
+
+# Anchor sampling for the classification loss, as in MONAI's detection tutorials (LUNA16 RetinaNet).
+HARD_NEGATIVE_BATCH_PER_IMAGE = 64
+HARD_NEGATIVE_POSITIVE_FRACTION = 0.3
+HARD_NEGATIVE_MIN = 16
+HARD_NEGATIVE_POOL_SIZE = 20
+ATSS_CANDIDATES = 4
+
+# MONAI box order (axis 0 first) <-> (x, y) image order: the same permutation both ways.
+_SWAP_XY = [1, 0, 3, 2]
+
+# RetinaNet's heads use GroupNorm(8 groups): the FPN width must be a multiple of 8.
+_HEAD_GROUPS = 8
+
+
+class AtssRetinaNetDetector(RetinaNetDetector):
+    """MONAI's RetinaNetDetector with an anchor matcher step that works without torchvision.
+
+    The parent's ``compute_anchor_matched_idxs`` tests ``isinstance(matcher, torchvision Matcher)`` before the ATSS
+    branch, which raises when torchvision is absent; MONAI documents overriding this method as the extension point.
+    The hard-negative sampler branch of ``get_cls_train_sample_per_image`` comes before its torchvision branch, so
+    that method is used unchanged.
+    """
+
+    def compute_anchor_matched_idxs(
+        self,
+        anchors: list[Tensor],
+        targets: list[dict[str, Tensor]],
+        num_anchor_locs_per_level: Sequence[int],
+    ) -> list[Tensor]:
+        if not isinstance(self.proposal_matcher, ATSSMatcher):
+            raise NotImplementedError("only MONAI's ATSS matcher is supported (set_atss_matcher)")
+        matched_idxs = []
+        for anchors_per_image, targets_per_image in zip(anchors, targets):
+            boxes = targets_per_image[self.target_box_key]
+            if boxes.numel() == 0:
+                # A lesion-free image: every anchor is background (BELOW_LOW_THRESHOLD).
+                matched_idxs.append(
+                    torch.full(
+                        (anchors_per_image.shape[0],), -1, dtype=torch.int64, device=anchors_per_image.device
+                    )
+                )
+                continue
+            _, matched = self.proposal_matcher(
+                boxes.to(anchors_per_image.device),
+                anchors_per_image,
+                num_anchor_locs_per_level,
+                self.num_anchors_per_loc,
+            )
+            matched_idxs.append(matched)
+        return matched_idxs
+
+
+def base_anchor_shapes(config: ModelConfig) -> list[list[float]]:
+    """Anchor (height, width) at the finest level for each aspect ratio r = height / width (area kept)."""
+    height, width = config.anchor_base_sizes
+    return [[height * math.sqrt(r), width / math.sqrt(r)] for r in config.anchor_aspect_ratios]
+
+
+def size_divisible(config: ModelConfig) -> int:
+    """Image sides must be multiples of the coarsest stride used, so every level's map tiles the image exactly."""
+    return max(max(fpn_level_strides(config)), distill_feature_stride(config))
+
+
+def validate_model_config(config: ModelConfig, image_size: tuple[int, int]) -> None:
+    validate_distill_feature(config)
+    if config.fpn_channels % _HEAD_GROUPS:
+        raise UsageError(f"model.fpn_channels: {config.fpn_channels} is not a multiple of {_HEAD_GROUPS}")
+    if len(image_size) != 2 or any(int(side) < 1 for side in image_size):
+        raise UsageError(f"image size must be (height, width) in pixels, got {tuple(image_size)}")
+    divisor = size_divisible(config)
+    height, width = (int(side) for side in image_size)
+    if height % divisor or width % divisor:
+        raise UsageError(
+            f"image size {height}x{width} (height x width) is not divisible by {divisor}, the coarsest stride of "
+            f"this model (returned_layers {config.returned_layers}, distill_feature {config.distill_feature!r}); "
+            f"use for example {max(divisor, round(height / divisor) * divisor)}x"
+            f"{max(divisor, round(width / divisor) * divisor)}"
+        )
+
+
+class ComotoDetector(nn.Module):
+    """RetinaNet lesion detector whose training step also yields the distillation feature map."""
+
+    def __init__(self, config: ModelConfig, image_size: tuple[int, int], *, load_weights: bool = True):
+        super().__init__()
+        validate_model_config(config, image_size)
+        self.config = config
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.size_divisible = size_divisible(config)
+        backbone = build_backbone(config, load_weights=load_weights)
+        self.feature_channels = backbone.distill_channels
+
+        strides = fpn_level_strides(config)
+        shapes = base_anchor_shapes(config)
+        anchor_generator = AnchorGeneratorWithAnchorShape(
+            feature_map_scales=[stride / strides[0] for stride in strides], base_anchor_shapes=shapes
+        )
+        network = RetinaNet(
+            spatial_dims=2,
+            num_classes=1,
+            num_anchors=len(shapes),
+            feature_extractor=backbone,
+            size_divisible=self.size_divisible,
+        )
+        detector = AtssRetinaNetDetector(network=network, anchor_generator=anchor_generator)
+        detector.set_atss_matcher(num_candidates=ATSS_CANDIDATES, center_in_gt=False)
+        detector.set_hard_negative_sampler(
+            batch_size_per_image=HARD_NEGATIVE_BATCH_PER_IMAGE,
+            positive_fraction=HARD_NEGATIVE_POSITIVE_FRACTION,
+            min_neg=HARD_NEGATIVE_MIN,
+            pool_size=HARD_NEGATIVE_POOL_SIZE,
+        )
+        detector.set_cls_loss(FocalLoss(gamma=2.0, reduction="mean"))
+        detector.set_target_keys(box_key="boxes", label_key="labels")
+        detector.set_box_selector_parameters(
+            score_thresh=config.score_threshold,
+            topk_candidates_per_level=config.topk_candidates_per_level,
+            nms_thresh=config.nms_threshold,
+            detections_per_img=config.detections_per_image,
+        )
+        self.detector = detector
+
+    # ------------------------------------------------------------------------------------------ parts
+    @property
+    def backbone(self) -> ResNetFPNBackbone:
+        return self.detector.network.feature_extractor  # type: ignore[return-value]
+
+    def _check_images(self, images: Tensor) -> None:
+        if images.ndim != 4 or images.shape[1] != 1:
+            raise UsageError(f"expected images of shape (batch, 1, height, width), got {tuple(images.shape)}")
+        height, width = images.shape[-2:]
+        if height % self.size_divisible or width % self.size_divisible:
+            raise UsageError(
+                f"image size {height}x{width} is not divisible by {self.size_divisible} (the model's coarsest stride)"
+            )
+
+    def _heads(self, images: Tensor) -> tuple[dict[str, Tensor], list[Tensor], list[int], Tensor]:
+        """One network pass -> (reshaped head outputs, anchors per image, locations per level, distill map)."""
+        self._check_images(images)
+        detector = self.detector
+        network = detector.network
+        features, distill = self.backbone.forward_with_distill(images)
+        maps = list(features.values())
+        head_maps = {
+            detector.cls_key: network.classification_head(maps),
+            detector.box_reg_key: network.regression_head(maps),
+        }
+        # MONAI caches anchors by image shape only; a model moved to another device needs them rebuilt.
+        if detector.anchors is not None and detector.anchors[0].device != images.device:
+            detector.anchors = None
+        detector.generate_anchors(images, head_maps)
+        locations = [int(m.shape[2:].numel()) for m in head_maps[detector.cls_key]]
+        reshaped = {key: detector._reshape_maps(value) for key, value in head_maps.items()}
+        anchors = list(detector.anchors)  # type: ignore[arg-type]
+        return reshaped, anchors, locations, distill
+
+    def _monai_targets(
+        self, targets: list[dict[str, Tensor]], device: torch.device
+    ) -> list[dict[str, Tensor]]:
+        converted = []
+        for index, target in enumerate(targets):
+            boxes = torch.as_tensor(target["boxes"], device=device)
+            if boxes.numel() == 0:
+                boxes = boxes.reshape(0, 4)
+            if boxes.ndim != 2 or boxes.shape[1] != 4:
+                raise ValueError(
+                    f"targets[{index}]['boxes'] must have shape (k, 4), got {tuple(boxes.shape)}"
+                )
+            boxes = boxes.float()[:, _SWAP_XY]
+            labels = (
+                torch.as_tensor(target.get("labels", torch.zeros(len(boxes))), device=device)
+                .long()
+                .reshape(-1)
+            )
+            if labels.numel() != boxes.shape[0]:
+                raise ValueError(f"targets[{index}]: {boxes.shape[0]} boxes but {labels.numel()} labels")
+            converted.append({"boxes": boxes, "labels": labels})
+        return converted
+
+    # ------------------------------------------------------------------------------------------ API
+    def forward_train(
+        self, images: Tensor, targets: list[dict[str, Tensor]]
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """Detection losses and the distillation feature map (B, feature_channels, h, w) of ONE forward pass.
+
+        ``targets[i]``: ``boxes`` (k, 4) float xyxy image pixels, ``labels`` (k,) int64 zeros; k may be 0.
+        The returned map is part of the autograd graph, so a KD / ImPA loss on it trains the backbone.
+        """
+        if len(targets) != images.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {len(targets)} targets")
+        reshaped, anchors, locations, distill = self._heads(images)
+        losses = self.detector.compute_loss(
+            reshaped, self._monai_targets(targets, images.device), anchors, locations
+        )
+        # MONAI returns a constant CPU zero for the box loss when no anchor is positive (lesion-free batch).
+        losses = {key: value.to(images.device) for key, value in losses.items()}
+        return losses, distill
+
+    def forward(self, images: Tensor, targets: list[dict[str, Tensor]]) -> tuple[dict[str, Tensor], Tensor]:
+        return self.forward_train(images, targets)
+
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> list[dict[str, Tensor]]:
+        """Detections per image, ``boxes`` (n, 4) xyxy image pixels and ``scores`` (n,), best first.
+
+        Runs in eval mode (BatchNorm running statistics) and restores the previous mode afterwards.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            reshaped, anchors, locations, _ = self._heads(images)
+            sizes = [list(images.shape[-2:])] * images.shape[0]
+            detections = self.detector.postprocess_detections(reshaped, anchors, sizes, locations)
+        finally:
+            self.train(was_training)
+        results = []
+        for detection in detections:
+            boxes = detection[self.detector.target_box_key][:, _SWAP_XY].float()
+            scores = detection[self.detector.pred_score_key].float()
+            results.append({"boxes": boxes, "scores": scores})
+        return results
+
+    def distill_features(self, images: Tensor) -> Tensor:
+        """Only the distillation feature map (e.g. the teacher's in LsKD); stops after layer4 for 'backbone'.
+
+        Uses the module's current mode; the reference runs the teacher in eval mode under ``torch.no_grad``.
+        """
+        self._check_images(images)
+        return self.backbone.distill_only(images)
+
+
+def build_detector(
+    config: ModelConfig, image_size: tuple[int, int], *, load_weights: bool = True
+) -> ComotoDetector:
+    """A fresh detector for ``image_size`` (height, width); ``config.weights`` is loaded unless ``load_weights``
+    is False (rebuilding from a checkpoint, whose state dict replaces all weights anyway)."""
+    return ComotoDetector(config, image_size, load_weights=load_weights)
+
+
+__all__ = [
+    "AtssRetinaNetDetector",
+    "ComotoDetector",
+    "base_anchor_shapes",
+    "build_detector",
+    "size_divisible",
+]

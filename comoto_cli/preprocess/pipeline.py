@@ -1,0 +1,536 @@
+"""``comoto preprocess``: DICOM + CSV -> the HDF5 slice cache (``comoto_cli.cache.h5cache`` documents the layout).
+
+Steps: discover the images and boxes (``comoto_cli.data.sources``), validate every box against its image
+header, split patients (``splits.assign_splits``), then decode + resize in worker processes while the main
+process writes the HDF5 file (h5py is not safe for concurrent writers).
+
+Crash safety and reuse:
+- the cache is written to a temporary file next to OUT and renamed at the end, so OUT is either absent, the
+  previous cache, or complete;
+- each volume's decoded, resized slices are first saved (atomically) as one ``.npz`` in the work folder
+  ``OUT.parts/<config_hash>/``, named by a hash of the volume's key, file size and mtime and the slices asked
+  for. A rerun after a crash or ``kill -9`` skips volumes already there; the folder is deleted after the
+  final rename. The cache is always filled from these parts, so a resumed run stores the same bytes as an
+  uninterrupted one (:func:`comoto_cli.preprocess.summary.cache_content_hash` checks that);
+- OUT records its config hash and a fingerprint of its inputs (CSV contents, DICOM sizes and mtimes); a
+  rerun with the same config and unchanged inputs reports "up to date" without touching anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from comoto_cli.cache.h5cache import FORMAT_VERSION, CacheWriter, VolumeRecord
+from comoto_cli.config import PreprocessConfig, config_json
+from comoto_cli.errors import ComotoError, InputDataError
+from comoto_cli.preprocess.resize import resize_area
+from comoto_cli.preprocess.splits import assign_splits, merge_dataset_split
+from comoto_cli.transforms.geometry import official_to_cache
+from comoto_cli.utils.atomic import atomic_path
+
+# Bump when the stored content changes for the same config and inputs (invalidates old parts and caches).
+PIPELINE_VERSION = 1
+
+FINGERPRINT_ATTR = "input_fingerprint"
+
+
+# ---------------------------------------------------------------------------------------------- hashing
+def preprocess_config_hash(config: PreprocessConfig) -> str:
+    """Hash of the config fields that change the cache's content. ``workers`` only changes the speed, so a
+    rerun with another worker count reuses the parts and the finished cache."""
+    normalized = config.model_copy(update={"workers": 0})
+    payload = f"{config_json(normalized)}|format={FORMAT_VERSION}|pipeline={PIPELINE_VERSION}"
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_stamp(path: Path) -> list:
+    try:
+        stat = path.stat()
+    except OSError:
+        return [str(path), None, None]
+    return [str(path), stat.st_size, stat.st_mtime_ns]
+
+
+def input_fingerprint(root: Path, csv_files: set[Path], images: set[Path]) -> str:
+    """CSV contents (small) + DICOM sizes and mtimes (large: never read here)."""
+    entries: list = [str(root.resolve())]
+    for path in sorted(csv_files, key=str):
+        entries.append([str(path), _sha256_file(path) if path.is_file() else None])
+    entries.extend(_file_stamp(path) for path in sorted(images, key=str))
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:32]
+
+
+# ---------------------------------------------------------------------------------------------- tasks
+@dataclass
+class VolumeTask:
+    """Work for one DICOM, small enough to pickle to a worker."""
+
+    index: int
+    modality: str
+    path: Path
+    view: str
+    csv: Path
+    row: int
+    slices: list[int] | None  # None: every slice
+    expected_shape: tuple[int, int, int]
+    height: int
+    width: int
+    part: Path
+
+
+@dataclass
+class _Planned:
+    record: object  # ImageRecord
+    split: str
+    shape: tuple[int, int, int]  # (slices, rows, cols) from the header
+    lesions: list[tuple[int, float, float, float, float]]
+    classes: list[str]
+    slices: list[int] | None
+    source: str = ""
+    task: VolumeTask | None = None
+
+
+def _save_part(path: Path, images: np.ndarray, slice_indices: np.ndarray, flipped: bool,
+               shape: tuple[int, ...]) -> None:
+    with atomic_path(path) as temporary, open(temporary, "wb") as handle:
+        np.savez_compressed(handle, images=images, slice_indices=slice_indices,
+                            flipped=np.asarray(flipped), shape=np.asarray(shape, dtype=np.int64))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _load_part(path: Path) -> dict | None:
+    """The saved result of one volume, or None when it is missing or unreadable (then it is redone)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {"images": data["images"], "slice_indices": data["slice_indices"],
+                    "flipped": bool(data["flipped"]), "shape": tuple(int(v) for v in data["shape"])}
+    except (OSError, ValueError, KeyError, EOFError, Exception):  # a torn or foreign file: recompute
+        return None
+
+
+def process_volume(task: VolumeTask) -> dict:
+    """Worker: decode one DICOM, resize the wanted slices, save them as a part. Returns ``{"part": path}`` or
+    ``{"error": {"path", "row", "reason"}}`` for bad input (exceptions lose their fields when pickled)."""
+    from comoto_cli.data import dicom_io
+
+    try:
+        if task.modality == "dbt":
+            volume = dicom_io.read_dbt_volume(task.path, task.view, row=task.row, csv=task.csv)
+            pixels, flipped = volume.pixels, bool(volume.flipped)
+        else:
+            pixels, flipped = dicom_io.read_mammogram(task.path, row=task.row, csv=task.csv)[None], False
+        pixels = np.asarray(pixels)
+        if pixels.ndim != 3:
+            raise InputDataError(f"decoded image has shape {pixels.shape}, expected 3 axes", path=task.path)
+        if tuple(pixels.shape) != tuple(task.expected_shape):
+            raise InputDataError(f"decoded pixels have shape {tuple(pixels.shape)} but the header says "
+                                 f"{tuple(task.expected_shape)}", path=task.path)
+    except InputDataError as exc:
+        return {"error": {"path": exc.path or str(task.path), "row": exc.row, "reason": exc.reason}}
+    indices = np.arange(pixels.shape[0]) if task.slices is None else np.asarray(task.slices, dtype=np.int64)
+    if len(indices):
+        images = resize_area(pixels[indices], task.height, task.width)
+    else:
+        images = np.zeros((0, task.height, task.width), np.float32)
+    images = np.clip(images, 0.0, 1.0).astype(np.float16)
+    _save_part(task.part, images, indices.astype(np.int64), flipped, tuple(pixels.shape))
+    return {"part": str(task.part)}
+
+
+# ---------------------------------------------------------------------------------------------- planning
+def _resolve(root: Path, path: Path) -> Path:
+    path = Path(path)
+    return path if path.is_absolute() else root / path
+
+
+def _relative(root: Path, path: Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _mammo_header(path: Path, csv: Path, row: int) -> tuple[int, int, int]:
+    import pydicom
+
+    try:
+        dataset = pydicom.dcmread(path, stop_before_pixels=True)
+        return 1, int(dataset.Rows), int(dataset.Columns)
+    except FileNotFoundError:
+        raise InputDataError(f"DICOM file not found (listed in {csv}, row {row})", path=path) from None
+    except Exception as exc:  # pydicom raises many types for a broken file
+        raise InputDataError(f"not a readable DICOM header ({type(exc).__name__}: {exc})", path=path) from None
+
+
+def _is_normal(record) -> bool:
+    return not record.boxes and str(record.label or "").strip().lower() in ("normal", "")
+
+
+def _training_slices(record, num_slices: int, lesions, offset: int, normal_slices: int, seed: int) -> list[int]:
+    """Lesion centre slices +- ``offset`` (clipped), or seeded random slices of a normal volume."""
+    if lesions:
+        chosen = {min(max(int(les[0]) + d, 0), num_slices - 1) for les in lesions for d in range(-offset, offset + 1)}
+        return sorted(chosen)
+    if not _is_normal(record) or normal_slices <= 0 or num_slices <= 0:
+        return []  # e.g. an actionable volume without boxes: no trustworthy negatives either
+    key = f"{record.patient_id}|{record.study_uid}|{record.view}".encode()
+    # Seeded per volume (not by position in a list): the choice does not depend on which other volumes exist.
+    rng = np.random.default_rng([seed, int.from_bytes(hashlib.sha256(key).digest()[:8], "little")])
+    return sorted(int(i) for i in rng.choice(num_slices, size=min(normal_slices, num_slices), replace=False))
+
+
+def slice_boxes(lesions, stored: list[int], scale_y: float, scale_x: float, offset: int, modality: str):
+    """Per stored slice its cache-frame xyxy boxes and lesion indices: every lesion whose central slice lies
+    within ``offset`` of the slice (mammograms: every lesion)."""
+    if lesions:
+        table = np.asarray(lesions, dtype=np.float64).reshape(-1, 5)
+        cache = official_to_cache(table[:, 1:], scale_y, scale_x)
+        centres = table[:, 0].astype(np.int64)
+    else:
+        cache, centres = np.zeros((0, 4)), np.zeros((0,), np.int64)
+    boxes, ids = [], []
+    for index in stored:
+        chosen = np.arange(len(centres)) if modality == "mammo" else np.flatnonzero(np.abs(centres - index) <= offset)
+        boxes.append(cache[chosen].astype(np.float32))
+        ids.append(chosen.astype(np.int64))
+    return boxes, ids
+
+
+def _record_key(record) -> tuple:
+    return (str(record.patient_id), str(record.study_uid), str(record.view), str(record.path))
+
+
+def _part_name(planned: _Planned, root: Path, height: int, width: int) -> str:
+    record = planned.record
+    path = _resolve(root, record.path)
+    payload = json.dumps([_record_key(record), _file_stamp(path)[1:], planned.slices, list(planned.shape),
+                          height, width, PIPELINE_VERSION])
+    return hashlib.sha256(payload.encode()).hexdigest()[:24] + ".npz"
+
+
+# ---------------------------------------------------------------------------------------------- locking
+@contextlib.contextmanager
+def _exclusive(parts_root: Path) -> Iterator[None]:
+    """One preprocess per OUT at a time; the kernel drops the lock when the process dies (even kill -9)."""
+    parts_root.mkdir(parents=True, exist_ok=True)
+    handle = open(parts_root / "lock", "w")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ComotoError("another `comoto preprocess` is writing this cache", path=parts_root) from None
+        yield
+    finally:
+        handle.close()
+
+
+def _remove_stale_temporaries(out: Path, parts_dir: Path) -> None:
+    """Temporaries a killed run left behind (we hold the lock, so nobody else is writing them)."""
+    for stale in out.parent.glob(f".{out.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    if parts_dir.is_dir():
+        for stale in parts_dir.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------- main entry
+def _discover(root: Path, config: PreprocessConfig, skipped: list[dict] | None):
+    from comoto_cli.data import sources
+
+    if config.modality == "dbt":
+        return sources.discover_bcs_dbt(root, file_paths_csv=config.file_paths_csv, labels_csv=config.labels_csv,
+                                        boxes_csv=config.boxes_csv, skipped=skipped)
+    return sources.discover_mammo(root, annotations_csv=config.annotations_csv, manifest_csv=config.manifest_csv,
+                                  skipped=skipped)
+
+
+def _header(root: Path, record, modality: str) -> tuple[int, int, int]:
+    from comoto_cli.data import dicom_io
+
+    path = _resolve(root, record.path)
+    if modality == "dbt":
+        return tuple(int(v) for v in dicom_io.read_dbt_header(path))
+    return _mammo_header(path, record.csv, record.row)
+
+
+def _fail_or_skip(skipped: list[dict] | None, path, row, reason: str) -> None:
+    if skipped is None:
+        raise InputDataError(reason, path=path, row=row)
+    skipped.append({"path": str(path), "row": row, "reason": reason})
+
+
+def _cache_is_current(out: Path, config_digest: str, fingerprint: str) -> bool:
+    import h5py
+
+    try:
+        with h5py.File(out, "r") as handle:
+            attrs = handle.attrs
+            return (int(attrs.get("format_version", -1)) == FORMAT_VERSION
+                    and str(attrs.get("config_hash", "")) == config_digest
+                    and str(attrs.get(FINGERPRINT_ATTR, "")) == fingerprint)
+    except (OSError, ValueError):
+        return False
+
+
+def _worker_count(config: PreprocessConfig, pending: int) -> int:
+    wanted = config.workers or os.cpu_count() or 1
+    return max(1, min(wanted, pending))
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    # forkserver: forking a process that runs threads (rich's refresh thread, the executor's manager) can
+    # deadlock; spawn elsewhere.
+    method = "forkserver" if sys.platform.startswith("linux") else "spawn"
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        context.set_forkserver_preload(["comoto_cli.preprocess.pipeline", "numpy", "pydicom"])
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context)
+
+
+def _progress(enabled: bool, console):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not enabled,
+                    transient=False)
+
+
+def preprocess(root: Path, out: Path, config: PreprocessConfig, *, progress: bool = True, console=None) -> dict:
+    """Build the slice cache ``out`` from the dataset in ``root``. Returns a report dict:
+    ``out``, ``up_to_date``, ``volumes``, ``slices``, ``computed``, ``reused``, ``skipped``, ``seconds``."""
+    from rich.console import Console
+
+    started = time.perf_counter()
+    console = console or Console(stderr=True, highlight=False)
+    root, out = Path(root), Path(out)
+    if not root.is_dir():
+        raise InputDataError("data root is not a folder", path=root)
+    if out.exists() and out.is_dir():
+        raise InputDataError("output is a folder; give a file name such as dbt.h5", path=out)
+    modality = config.modality
+    skipped: list[dict] | None = [] if config.on_error == "skip" else None
+    records = sorted(_discover(root, config, skipped), key=_record_key)
+
+    # Validate every box against its image header before any heavy work: bad input fails in seconds.
+    kept: list[tuple[object, tuple[int, int, int]]] = []
+    from comoto_cli.data import sources
+
+    for record in records:
+        try:
+            shape = _header(root, record, modality)
+        except InputDataError as exc:
+            _fail_or_skip(skipped, exc.path or _resolve(root, record.path), exc.row, exc.reason)
+            continue
+        problem = None
+        for box in record.boxes:
+            reason = sources.check_box_in_image(box, shape[1], shape[2], shape[0])
+            if reason is not None:
+                problem = (box, reason)
+                break
+        if problem is not None:
+            box, reason = problem
+            if skipped is None:
+                raise InputDataError(reason, path=box.csv, row=box.row)
+            skipped.append({"path": str(box.csv), "row": box.row,
+                            "reason": f"{reason}; image {record.path} left out"})
+            continue
+        kept.append((record, shape))
+    if not kept:
+        raise InputDataError(f"no usable {'DBT volumes' if modality == 'dbt' else 'mammograms'} found", path=root)
+
+    csv_files = {Path(p) for p in (config.file_paths_csv, config.labels_csv, config.boxes_csv,
+                                   config.annotations_csv, config.manifest_csv) if p is not None}
+    images: set[Path] = set()
+    for record, _ in kept:
+        csv_files.add(Path(record.csv))
+        csv_files.update(Path(box.csv) for box in record.boxes)
+        images.add(_resolve(root, record.path))
+    for entry in skipped or []:
+        path = Path(entry["path"])
+        (csv_files if path.suffix.lower() == ".csv" else images).add(path)
+    fingerprint = input_fingerprint(root, csv_files, images)
+    digest = preprocess_config_hash(config)
+    if out.is_file() and _cache_is_current(out, digest, fingerprint):
+        return {"out": str(out), "up_to_date": True, "volumes": len(kept), "slices": None, "computed": 0,
+                "reused": 0, "skipped": sorted(skipped or [], key=_skip_key), "seconds": time.perf_counter() - started}
+
+    # Patient-level split (dataset splits respected when configured).
+    dataset_splits: dict[str, str | None] = {}
+    for record, _ in kept:
+        dataset_splits[record.patient_id] = merge_dataset_split(dataset_splits.get(record.patient_id), record.split)
+    has_lesion: dict[str, bool] = {}
+    for record, _ in kept:
+        has_lesion[record.patient_id] = has_lesion.get(record.patient_id, False) or bool(record.boxes)
+    split_of = assign_splits(dataset_splits.keys(), config.split, dataset_splits, has_lesion)
+
+    offset = config.lesion_slice_offset if modality == "dbt" else 0
+    plan: list[_Planned] = []
+    for record, shape in kept:
+        ordered = sorted(record.boxes, key=lambda b: (int(b.slice), float(b.x), float(b.y), float(b.width),
+                                                      float(b.height), str(b.cls)))
+        lesions = [(int(b.slice), float(b.x), float(b.y), float(b.width), float(b.height)) for b in ordered]
+        classes = [str(b.cls) for b in ordered]
+        split = split_of[record.patient_id]
+        if modality == "mammo" or split != "train":
+            stored = None
+        else:
+            stored = _training_slices(record, shape[0], lesions, offset, config.normal_slices_per_volume,
+                                      config.split.seed)
+        plan.append(_Planned(record, split, shape, lesions, classes, stored,
+                             source=str(getattr(record, "source", "") or _relative(root, _resolve(root, record.path)))))
+
+    parts_root = Path(f"{out}.parts")
+    parts_dir = parts_root / digest
+    report = {"out": str(out), "up_to_date": False, "volumes": 0, "slices": 0, "computed": 0, "reused": 0}
+    with _exclusive(parts_root):
+        try:
+            _remove_stale_temporaries(out, parts_dir)
+            parts_dir.mkdir(parents=True, exist_ok=True)
+            for index, planned in enumerate(plan):
+                planned.task = VolumeTask(index, modality, _resolve(root, planned.record.path), planned.record.view,
+                                          Path(planned.record.csv), int(planned.record.row), planned.slices,
+                                          planned.shape, config.image_height, config.image_width,
+                                          parts_dir / _part_name(planned, root, config.image_height, config.image_width))
+            with atomic_path(out) as temporary:
+                writer = CacheWriter(temporary, modality=modality, image_height=config.image_height,
+                                     image_width=config.image_width, config_json=config_json(config),
+                                     config_hash=digest, source_root=str(root.resolve()),
+                                     compression_level=config.compression_level)
+                try:
+                    worker_skipped = _run_and_write(plan, writer, config, report, progress, console, skipped)
+                    all_skipped = sorted((skipped or []) + worker_skipped, key=_skip_key)
+                    if report["volumes"] == 0:
+                        raise InputDataError("every input was skipped; nothing to cache", path=root)
+                    writer.set_skipped(all_skipped)
+                    writer.file.attrs[FINGERPRINT_ATTR] = fingerprint
+                    writer.close()
+                except BaseException:
+                    writer.abort()
+                    raise
+            shutil.rmtree(parts_root, ignore_errors=True)
+        except BaseException:
+            # Finished parts stay for the rerun; a work folder with nothing in it is just clutter.
+            if not any(parts_root.glob("*/*.npz")):
+                shutil.rmtree(parts_root, ignore_errors=True)
+            raise
+    report["skipped"] = all_skipped
+    report["seconds"] = time.perf_counter() - started
+    return report
+
+
+def _skip_key(entry: dict) -> tuple:
+    return (str(entry.get("path")), entry.get("row") or 0, str(entry.get("reason")))
+
+
+def _run_and_write(plan: list[_Planned], writer: CacheWriter, config: PreprocessConfig, report: dict,
+                   progress: bool, console, skipped: list[dict] | None) -> list[dict]:
+    """Decode what is not in the parts folder yet (in workers), then write every volume in plan order."""
+    results: dict[int, dict] = {}
+    pending: list[VolumeTask] = []
+    for planned in plan:
+        if planned.task.part.is_file():
+            results[planned.task.index] = {"part": str(planned.task.part)}
+        else:
+            pending.append(planned.task)
+    report["reused"] = len(plan) - len(pending)
+    report["computed"] = len(pending)
+    worker_skipped: list[dict] = []
+    label = "DBT volumes" if config.modality == "dbt" else "mammograms"
+    next_to_write = 0
+
+    def write_ready() -> None:
+        nonlocal next_to_write
+        while next_to_write < len(plan) and next_to_write in results:
+            planned = plan[next_to_write]
+            outcome = results.pop(next_to_write)
+            next_to_write += 1
+            data = _load_part(Path(outcome["part"])) if "part" in outcome else None
+            if "part" in outcome and data is None:  # torn by a crash or a disk error: redo it here
+                outcome = process_volume(planned.task)
+                data = _load_part(Path(outcome["part"])) if "part" in outcome else None
+                if "part" in outcome and data is None:
+                    raise InputDataError("cannot read back the work file just written", path=outcome["part"])
+            if "error" in outcome:
+                error = outcome["error"]
+                if skipped is None:
+                    raise InputDataError(error["reason"], path=error["path"], row=error["row"])
+                worker_skipped.append(error)
+                continue
+            _write_volume(planned, data, writer, config, report)
+
+    with _progress(progress, console) as bar:
+        task_id = bar.add_task(f"preprocess {label}", total=len(plan), completed=report["reused"])
+        workers = _worker_count(config, len(pending))
+        if workers <= 1 or len(pending) <= 1:
+            for task in pending:
+                results[task.index] = process_volume(task)
+                bar.advance(task_id)
+                write_ready()
+        else:
+            executor = _pool(workers)
+            try:
+                futures: dict[Future, int] = {executor.submit(process_volume, task): task.index for task in pending}
+                waiting = set(futures)
+                while waiting:
+                    done, waiting = wait(waiting, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        results[futures[future]] = future.result()
+                        bar.advance(task_id)
+                    write_ready()
+            except BaseException:
+                executor.shutdown(wait=True, cancel_futures=True)
+                raise
+            executor.shutdown(wait=True)
+        write_ready()
+    return worker_skipped
+
+
+def _write_volume(planned: _Planned, data: dict, writer: CacheWriter, config: PreprocessConfig, report: dict) -> None:
+    record = planned.record
+    num_slices, rows, cols = planned.shape
+    scale_y, scale_x = config.image_height / rows, config.image_width / cols
+    stored = [int(i) for i in data["slice_indices"]]
+    offset = config.lesion_slice_offset if config.modality == "dbt" else 0
+    boxes, lesion_ids = slice_boxes(planned.lesions, stored, scale_y, scale_x, offset, config.modality)
+    volume = VolumeRecord(
+        patient_id=str(record.patient_id), study_uid=str(record.study_uid), view=str(record.view),
+        split=planned.split, source=planned.source,
+        num_slices=int(num_slices), original_height=int(rows), original_width=int(cols),
+        scale_y=float(scale_y), scale_x=float(scale_x), flipped=bool(data["flipped"]),
+        volume_slices=int(record.volume_slices or num_slices), label=str(record.label or ""),
+        lesions=list(planned.lesions), lesion_classes=list(planned.classes),
+    )
+    writer.add_volume(volume, stored, data["images"], boxes, lesion_ids)
+    report["volumes"] += 1
+    report["slices"] += len(stored)
+

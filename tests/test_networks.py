@@ -1,0 +1,194 @@
+"""The MONAI RetinaNet detector without torchvision: training, prediction, feature maps, user weights."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from comoto_cli.config import ModelConfig
+from comoto_cli.errors import CheckpointError, UsageError
+from comoto_cli.networks.backbone import ResNetFPNBackbone
+from comoto_cli.networks.detector import build_detector
+
+HEIGHT, WIDTH = 128, 64
+
+
+def tiny_config(**changes) -> ModelConfig:
+    values = {
+        "backbone": "resnet18",
+        "width": [8, 16, 32, 64],
+        "fpn_channels": 16,
+        "anchor_base_sizes": [16.0, 16.0],
+    }
+    values.update(changes)
+    return ModelConfig(**values)
+
+
+def lesion_batch():
+    """Image 0: a bright 24 (wide) x 36 (high) ellipse; image 1: lesion-free. Boxes xyxy, x = column."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 1, HEIGHT, WIDTH, generator=generator) * 0.2
+    rows = torch.arange(HEIGHT).view(HEIGHT, 1).float()
+    cols = torch.arange(WIDTH).view(1, WIDTH).float()
+    cx, cy, half_w, half_h = 20.0, 80.0, 12.0, 18.0
+    inside = ((cols - cx) / half_w) ** 2 + ((rows - cy) / half_h) ** 2 <= 1.0
+    images[0, 0][inside] += 0.8
+    targets = [
+        {
+            "boxes": torch.tensor([[cx - half_w, cy - half_h, cx + half_w, cy + half_h]]),
+            "labels": torch.zeros(1, dtype=torch.int64),
+        },
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+    ]
+    return images, targets
+
+
+def iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    x1, y1 = torch.max(a[0], b[0]), torch.max(a[1], b[1])
+    x2, y2 = torch.min(a[2], b[2]), torch.min(a[3], b[3])
+    inter = (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)
+    area = lambda box: (box[2] - box[0]) * (box[3] - box[1])
+    return float(inter / (area(a) + area(b) - inter))
+
+
+def test_no_torchvision_and_shapes():
+    torch.manual_seed(0)
+    detector = build_detector(tiny_config(), (HEIGHT, WIDTH))
+    images, targets = lesion_batch()
+    losses, features = detector.forward_train(images, targets)
+    assert set(losses) == {"classification", "box_regression"}
+    assert all(torch.isfinite(v) and v.ndim == 0 for v in losses.values())
+    # Default distillation map: the last ResNet stage, stride 32, 64 channels (basic blocks).
+    assert detector.feature_channels == 64
+    assert features.shape == (2, 64, HEIGHT // 32, WIDTH // 32)
+    assert features.requires_grad
+    assert isinstance(detector.backbone, ResNetFPNBackbone)
+    assert list(detector.backbone(images)) == ["fpn0", "fpn1", "fpn2", "pool"]
+    assert "torchvision" not in sys.modules
+
+
+def test_distill_features_equal_training_map_and_fpn_level():
+    torch.manual_seed(0)
+    detector = build_detector(tiny_config(), (HEIGHT, WIDTH)).eval()
+    images, targets = lesion_batch()
+    with torch.no_grad():
+        _, from_training = detector.forward_train(images, targets)
+        alone = detector.distill_features(images)
+    assert torch.allclose(from_training, alone)
+
+    fpn = build_detector(tiny_config(distill_feature="fpn0"), (HEIGHT, WIDTH))
+    assert fpn.feature_channels == 16
+    assert fpn.distill_features(images).shape == (2, 16, HEIGHT // 4, WIDTH // 4)
+
+
+def test_bottleneck_channels():
+    detector = build_detector(tiny_config(backbone="resnet50"), (64, 64))
+    assert detector.feature_channels == 64 * 4
+    assert detector.distill_features(torch.zeros(1, 1, 64, 64)).shape == (1, 256, 2, 2)
+
+
+def test_training_reduces_loss_and_predicts_in_image_pixels():
+    torch.manual_seed(0)
+    detector = build_detector(tiny_config(), (HEIGHT, WIDTH))
+    images, targets = lesion_batch()
+    optimizer = torch.optim.SGD(detector.parameters(), lr=0.01, momentum=0.9)
+    detector.train()
+    history = []
+    for _ in range(40):
+        losses, _ = detector.forward_train(images, targets)
+        loss = losses["classification"] + losses["box_regression"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(loss.item())
+    assert sum(history[-5:]) / 5 < 0.3 * sum(history[:3]) / 3
+    predictions = detector.predict(images)
+    assert detector.training  # predict restores the mode
+    assert len(predictions) == 2
+    best = predictions[0]["boxes"][0]
+    assert predictions[0]["scores"][0] > 0.5
+    # Boxes are xyxy image pixels (x = column): the tall ellipse, not its transpose.
+    assert iou(best, targets[0]["boxes"][0]) > 0.5, best
+    scores = predictions[0]["scores"]
+    assert torch.all(scores[:-1] >= scores[1:])
+    assert predictions[1]["boxes"].shape[1] == 4
+
+
+def test_lesion_free_batch_trains():
+    torch.manual_seed(0)
+    detector = build_detector(tiny_config(), (64, 64))
+    images = torch.rand(2, 1, 64, 64)
+    targets = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)} for _ in range(2)]
+    losses, _ = detector.forward_train(images, targets)
+    assert losses["box_regression"].item() == 0.0
+    assert losses["classification"].item() > 0
+    (losses["classification"] + losses["box_regression"]).backward()
+    head_grad = detector.detector.network.classification_head.cls_logits.weight.grad
+    assert head_grad is not None and head_grad.abs().sum() > 0
+
+
+def test_build_validation_errors():
+    with pytest.raises(UsageError, match="divisible by 32"):
+        build_detector(tiny_config(), (100, 64))
+    with pytest.raises(UsageError, match="divisible by 64"):
+        build_detector(tiny_config(returned_layers=[1, 2, 3, 4]), (96, 64))
+    with pytest.raises(UsageError, match="distill_feature"):
+        build_detector(tiny_config(distill_feature="fpn7"), (64, 64))
+    with pytest.raises(UsageError, match="fpn_channels"):
+        build_detector(tiny_config(fpn_channels=12), (64, 64))
+    detector = build_detector(tiny_config(), (64, 64))
+    with pytest.raises(UsageError):
+        detector.predict(torch.zeros(1, 1, 48, 64))
+
+
+# ---------------------------------------------------------------------------------------------- user weights
+def test_user_weights_torchvision_style_three_channels(tmp_path):
+    reference = build_detector(tiny_config(), (64, 64)).backbone.body.state_dict()
+    generator = torch.Generator().manual_seed(5)
+    state = {}
+    for key, value in reference.items():
+        if key == "conv1.weight":
+            value = torch.randn(value.shape[0], 3, *value.shape[2:], generator=generator)
+        elif value.is_floating_point():
+            value = torch.randn(value.shape, generator=generator)
+        state[f"module.{key}"] = value
+    state["module.fc.weight"] = torch.randn(10, 64)
+    path = tmp_path / "resnet.pt"
+    torch.save(state, path)
+    detector = build_detector(tiny_config(weights=path), (64, 64))
+    body = detector.backbone.body.state_dict()
+    assert torch.allclose(body["conv1.weight"], state["module.conv1.weight"].sum(dim=1, keepdim=True))
+    assert torch.equal(body["layer3.1.bn2.running_var"], state["module.layer3.1.bn2.running_var"])
+
+
+def test_user_weights_errors(tmp_path):
+    unrelated = tmp_path / "unrelated.pt"
+    torch.save({"encoder.blocks.0.weight": torch.zeros(3)}, unrelated)
+    with pytest.raises(CheckpointError, match="no key matches"):
+        build_detector(tiny_config(weights=unrelated), (64, 64))
+    wrong_width = tmp_path / "wide.pt"
+    torch.save(
+        build_detector(tiny_config(width=[16, 16, 32, 64]), (64, 64)).backbone.body.state_dict(), wrong_width
+    )
+    with pytest.raises(CheckpointError, match="shape"):
+        build_detector(tiny_config(weights=wrong_width), (64, 64))
+
+
+@pytest.mark.parametrize("distill_feature", ["backbone", "fpn1"])
+def test_every_parameter_is_used(distill_feature):
+    # Parameters that never receive a gradient would break DistributedDataParallel: stages the model never
+    # runs (layer4 when neither returned nor the distillation map) are not built at all.
+    torch.manual_seed(0)
+    detector = build_detector(tiny_config(distill_feature=distill_feature), (64, 64))
+    images, targets = (
+        torch.rand(1, 1, 64, 64),
+        [{"boxes": torch.tensor([[10.0, 12.0, 40.0, 44.0]]), "labels": torch.zeros(1, dtype=torch.int64)}],
+    )
+    losses, features = detector.forward_train(images, targets)
+    (losses["classification"] + losses["box_regression"] + features.mean()).backward()
+    unused = [name for name, p in detector.named_parameters() if p.grad is None]
+    assert unused == []
+    has_layer4 = any(".body.layer4." in name for name, _ in detector.named_parameters())
+    assert has_layer4 == (distill_feature == "backbone")
