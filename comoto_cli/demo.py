@@ -7,6 +7,7 @@ exists, so an interrupted demo resumes where it stopped.
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 import sys
@@ -27,6 +28,16 @@ def _run(arguments: list[str]) -> None:
     print(f"  ({time.perf_counter() - started:.0f} s)", flush=True)
 
 
+def _finished(run: Path) -> bool:
+    """A training run is done when metrics.jsonl has a line for every configured epoch (best.pt alone exists from
+    epoch 1 on, so it says nothing about completion)."""
+    try:
+        epochs = json.loads((run / "config.json").read_text())["epochs"]
+        return len((run / "metrics.jsonl").read_text().splitlines()) >= epochs
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def main(folder: str = "demo_data") -> None:
     root = Path(folder)
     data, runs = root / "synthetic", root / "runs"
@@ -39,11 +50,11 @@ def main(folder: str = "demo_data") -> None:
     if not (root / "mammo.h5").exists():
         _run(["preprocess", "mammo", str(data / "mammo"), "--out", str(root / "mammo.h5"),
               "--config", str(CONFIGS / "demo-preprocess-mammo.json")])
-    if not (runs / "teacher" / "best.pt").exists():
+    if not _finished(runs / "teacher"):
         resume = ["--resume"] if (runs / "teacher" / "last.pt").exists() else []
         _run(["train-teacher", "--cache", str(root / "mammo.h5"), "--out", str(runs / "teacher"), "--impa",
               "--config", str(CONFIGS / "demo-teacher.json"), *resume])
-    if not (runs / "student" / "best.pt").exists():
+    if not _finished(runs / "student"):
         resume = ["--resume"] if (runs / "student" / "last.pt").exists() else []
         _run(["distill", "--cache", str(root / "dbt.h5"), "--teacher", str(runs / "teacher" / "best.pt"),
               "--teacher-cache", str(root / "mammo.h5"), "--out", str(runs / "student"), "--mode", "lesion",

@@ -21,6 +21,7 @@ def tiny_config(**changes) -> ModelConfig:
         "width": [8, 16, 32, 64],
         "fpn_channels": 16,
         "anchor_base_sizes": [16.0, 16.0],
+        "returned_layers": [1, 2, 3],
     }
     values.update(changes)
     return ModelConfig(**values)

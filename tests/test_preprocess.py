@@ -416,3 +416,15 @@ def test_kill_9_then_rerun_gives_the_same_content(synthetic, tmp_path):
     assert report["reused"] >= 1
     assert cache_content_hash(out) == cache_content_hash(synthetic["folder"] / "dbt.h5")
     assert not Path(f"{out}.parts").exists() and not list(tmp_path.glob(".dbt.h5.*"))
+
+
+def test_stratified_split_gives_every_split_lesion_patients():
+    patients = [f"P{i:02d}" for i in range(12)]
+    has_lesion = {p: i < 4 for i, p in enumerate(patients)}  # only 4 of 12 patients have lesions
+    for seed in range(10):
+        config = SplitConfig(val_fraction=0.25, test_fraction=0.25, seed=seed)
+        result = assign_splits(patients, config, None, has_lesion)
+        for split in ("train", "val", "test"):
+            assert any(has_lesion[p] for p, s in result.items() if s == split), (seed, split)
+    plain = assign_splits(patients, SplitConfig(val_fraction=0.25, test_fraction=0.25, stratify=False), None, has_lesion)
+    assert sorted(plain.values()).count("val") == 3

@@ -43,15 +43,15 @@ def _held_out_count(fraction: float, total: int) -> int:
     return max(count, 1) if total >= 3 else count
 
 
-def _carve(pool: list[str], fractions: Mapping[str, float], provided: set[str], rng: np.random.Generator,
-           assigned: dict[str, str]) -> None:
-    """Assign ``pool`` (patients without a dataset split) to test/val/train in place, at least one kept for train."""
-    total = len(pool)
+def _carve(pool: list[str], total: int, fractions: Mapping[str, float], provided: set[str],
+           rng: np.random.Generator, assigned: dict[str, str]) -> None:
+    """Assign ``pool`` (patients without a dataset split) to test/val/train in place; fractions are of ``total``
+    (all patients of the group, dataset-split ones included); at least one pool patient is kept for train."""
     wanted = {name: (0 if name in provided else _held_out_count(fraction, total)) for name, fraction in fractions.items()}
-    while wanted["test"] + wanted["val"] > max(total - 1, 0) and (wanted["test"] or wanted["val"]):
+    while wanted["test"] + wanted["val"] > max(len(pool) - 1, 0) and (wanted["test"] or wanted["val"]):
         larger = "test" if wanted["test"] >= wanted["val"] else "val"
         wanted[larger] -= 1
-    shuffled = [pool[i] for i in rng.permutation(total)]
+    shuffled = [pool[i] for i in rng.permutation(len(pool))]
     n_test, n_val = wanted["test"], wanted["val"]
     for patient in shuffled[:n_test]:
         assigned[patient] = "test"
@@ -92,9 +92,11 @@ def assign_splits(patients: Iterable[str], config: SplitConfig,
     rng = np.random.default_rng(config.seed)
     if config.stratify and has_lesion is not None:
         for group in (True, False):
-            _carve([p for p in pool if bool(has_lesion.get(p, False)) == group], fractions, provided, rng, assigned)
+            members = [p for p in ordered if bool(has_lesion.get(p, False)) == group]
+            _carve([p for p in pool if bool(has_lesion.get(p, False)) == group], len(members), fractions, provided,
+                   rng, assigned)
     else:
-        _carve(pool, fractions, provided, rng, assigned)
+        _carve(pool, len(ordered), fractions, provided, rng, assigned)
     return assigned
 
 
