@@ -62,6 +62,11 @@ def _debug() -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app and turn errors into one clear line and an exit code."""
+    if not _debug():
+        import warnings
+
+        # pydicom warns once per malformed tag; the reader's one-line error already names the file and row.
+        warnings.filterwarnings("ignore", category=UserWarning, module="pydicom")
     try:
         app(args=argv, standalone_mode=False, prog_name="comoto")
     except ComotoError as exc:

@@ -9,6 +9,7 @@ import typer
 from comoto_cli.commands.common import CONFIG_OPTION_HELP, console, resolve_config
 from comoto_cli.config import EvaluateConfig
 from comoto_cli.errors import UsageError
+from comoto_cli.utils.atomic import all_or_nothing
 
 
 def _copy_atomic(source: Path, destination: Path) -> None:
@@ -78,7 +79,8 @@ def evaluate(
         missing = [name for name, value in csv_inputs.items() if value is None]
         if missing:
             raise UsageError(f"--predictions needs {' and '.join(missing)} too")
-        _evaluate_csv(settings)
+        with all_or_nothing(settings.out):
+            _evaluate_csv(settings)
         return
 
     missing = [name for name, value in model_inputs.items() if value is None]
@@ -92,7 +94,8 @@ def evaluate(
         raise UsageError("checkpoint evaluation is not available yet; score a CSV with --predictions") from None
     # Contract: runs volume inference on the split, writes DIR/predictions.csv and the report through
     # comoto_cli.metrics.report.write_dbtex_report, and returns the metrics.json payload.
-    evaluate_checkpoint(settings)
+    with all_or_nothing(settings.out):
+        evaluate_checkpoint(settings)
 
 
 def _evaluate_csv(settings: EvaluateConfig) -> None:

@@ -40,7 +40,7 @@ from comoto_cli.errors import ComotoError, InputDataError
 from comoto_cli.preprocess.resize import resize_area
 from comoto_cli.preprocess.splits import assign_splits, merge_dataset_split
 from comoto_cli.transforms.geometry import official_to_cache
-from comoto_cli.utils.atomic import atomic_path
+from comoto_cli.utils.atomic import atomic_path, ensure_writable_dir
 
 # Bump when the stored content changes for the same config and inputs (invalidates old parts and caches).
 PIPELINE_VERSION = 1
@@ -235,8 +235,11 @@ def _part_name(planned: _Planned, root: Path, height: int, width: int) -> str:
 @contextlib.contextmanager
 def _exclusive(parts_root: Path) -> Iterator[None]:
     """One preprocess per OUT at a time; the kernel drops the lock when the process dies (even kill -9)."""
-    parts_root.mkdir(parents=True, exist_ok=True)
-    handle = open(parts_root / "lock", "w")
+    ensure_writable_dir(parts_root)
+    try:
+        handle = open(parts_root / "lock", "w")
+    except OSError as exc:
+        raise ComotoError(f"cannot write: {exc.strerror or exc}", path=parts_root / "lock") from None
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -307,7 +310,16 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     context = multiprocessing.get_context(method)
     if method == "forkserver":
         context.set_forkserver_preload(["comoto_cli.preprocess.pipeline", "numpy", "pydicom"])
-    return ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_quiet_worker)
+
+
+def _quiet_worker() -> None:
+    """pydicom warns once per malformed tag; a bad file is already reported as one error naming its CSV row, so
+    the warnings would only break that one line (kept with ``--debug``, which sets COMOTO_DEBUG)."""
+    import warnings
+
+    if os.environ.get("COMOTO_DEBUG", "") in ("", "0"):
+        warnings.filterwarnings("ignore", category=UserWarning, module="pydicom")
 
 
 def _progress(enabled: bool, console):
@@ -349,7 +361,11 @@ def preprocess(root: Path, out: Path, config: PreprocessConfig, *, progress: boo
         try:
             shape = _header(root, record, modality)
         except InputDataError as exc:
-            _fail_or_skip(skipped, exc.path or _resolve(root, record.path), exc.row, exc.reason)
+            reason = exc.reason
+            if exc.row is None and str(record.csv) not in reason:
+                # The header readers only know the DICOM; the user edits the CSV row that lists it.
+                reason = f"{reason} (listed in {record.csv}, row {record.row})"
+            _fail_or_skip(skipped, exc.path or _resolve(root, record.path), exc.row, reason)
             continue
         problem = None
         for box in record.boxes:
@@ -411,6 +427,7 @@ def preprocess(root: Path, out: Path, config: PreprocessConfig, *, progress: boo
 
     parts_root = Path(f"{out}.parts")
     parts_dir = parts_root / digest
+    created = [folder for folder in (out.parent, *out.parent.parents) if not folder.exists()]
     report = {"out": str(out), "up_to_date": False, "volumes": 0, "slices": 0, "computed": 0, "reused": 0}
     with _exclusive(parts_root):
         try:
@@ -442,6 +459,10 @@ def preprocess(root: Path, out: Path, config: PreprocessConfig, *, progress: boo
             # Finished parts stay for the rerun; a work folder with nothing in it is just clutter.
             if not any(parts_root.glob("*/*.npz")):
                 shutil.rmtree(parts_root, ignore_errors=True)
+                # Output folders this run created stay only if they hold something (no empty leftovers).
+                for folder in created:
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
             raise
     report["skipped"] = all_skipped
     report["seconds"] = time.perf_counter() - started

@@ -504,8 +504,10 @@ def generate_dataset(
     n_dbt = config.volumes if config.volumes is not None else preset.volumes
     dbt_tasks = _plan_dbt(config.seed, n_dbt, preset)
     mammo_tasks = _plan_mammo(config.seed, n_mammo, preset)
+    from comoto_cli.utils.atomic import ensure_writable_dir
+
+    ensure_writable_dir(out.parent)  # one line naming the file that blocks the path, if one does
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
     except OSError as exc:
         raise ComotoError(f"cannot create output folder: {exc.strerror or exc}", path=out) from None

@@ -508,11 +508,10 @@ class MammoParams:
     lowres: int = 2
     layers: int = 8
     noise: float = 0.012
-    lesion_contrast: tuple[float, float] = (
-        1.3,
-        2.2,
-    )  # projected lesion density, in layers of glandular tissue
-    calc_amplitude: tuple[float, float] = (0.8, 1.4)
+    # Projected lesion density, in layers of glandular tissue. Tuned so that a small detector trained on a few
+    # hundred mammograms learns them (the teacher premise of CoMoTo: plentiful, informative mammography).
+    lesion_contrast: tuple[float, float] = (2.2, 3.4)
+    calc_amplitude: tuple[float, float] = (1.4, 2.2)
     size_range: tuple[float, float] = (0.05, 0.16)
     gamma: float = 0.75
 
@@ -596,6 +595,6 @@ def _render_mammo_lesion(
         amplitude = rng.uniform(*p.lesion_contrast)
     background_delta, ring_std = box_minus_ring(attenuation, lesion.box)
     unit_delta, _ = box_minus_ring(unit, lesion.box)
-    needed = (0.3 * ring_std + 0.02 - background_delta) / max(unit_delta, 1e-6)
+    needed = (0.8 * ring_std + 0.05 - background_delta) / max(unit_delta, 1e-6)
     lesion.amplitude = float(max(amplitude, needed))
     attenuation += lesion.amplitude * unit

@@ -27,6 +27,9 @@ def ensure_writable_dir(folder: str | Path) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:  # errno alone ("File exists", "Not a directory") does not say which path
+            raise ComotoError(f"cannot create output folder: {blocker} is a file, not a folder", path=folder) from None
         raise ComotoError(f"cannot create output folder: {exc.strerror or exc}", path=folder) from None
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ComotoError("output folder is not writable", path=folder)
@@ -66,3 +69,33 @@ def write_text_atomic(destination: str | Path, text: str) -> None:
 
 def write_json_atomic(destination: str | Path, payload: object) -> None:
     write_text_atomic(destination, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def _file_stamps(folder: Path) -> dict[Path, tuple[int, int, int]]:
+    if not folder.is_dir():
+        return {}
+    stamps = {}
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            stat = path.stat()
+            stamps[path] = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    return stamps
+
+
+@contextlib.contextmanager
+def all_or_nothing(folder: str | Path) -> Iterator[Path]:
+    """For a command that writes several files into ``folder`` (each one atomically): when it fails part-way,
+    remove the files it had written and the folders it had created, so no half set of outputs is left."""
+    folder = Path(folder)
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    before = _file_stamps(folder)
+    try:
+        yield folder
+    except BaseException:
+        for path, stamp in _file_stamps(folder).items():
+            if before.get(path) != stamp:
+                path.unlink(missing_ok=True)
+        for path in created:  # deepest first; a folder that holds anything else stays
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
