@@ -7,7 +7,6 @@ machines are noise). Data: `comoto synth` (size via --size) preprocessed once in
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile

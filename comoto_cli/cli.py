@@ -14,8 +14,17 @@ import typer
 from rich.console import Console
 
 from comoto_cli import __version__
-from comoto_cli.commands import cache_cmd, config_cmd, distill, evaluate, experiment, predict, preprocess, synth
-from comoto_cli.commands import train_teacher
+from comoto_cli.commands import (
+    cache_cmd,
+    config_cmd,
+    distill,
+    evaluate,
+    experiment,
+    predict,
+    preprocess,
+    synth,
+    train_teacher,
+)
 from comoto_cli.errors import ComotoError
 
 app = typer.Typer(

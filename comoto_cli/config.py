@@ -48,7 +48,7 @@ class SplitConfig(StrictModel):
     stratify: bool = Field(True, description="split patients with and without lesions separately (each split gets both)")
 
     @model_validator(mode="after")
-    def _fractions_leave_training_data(self) -> "SplitConfig":
+    def _fractions_leave_training_data(self) -> SplitConfig:
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError("val_fraction + test_fraction must be < 1")
         return self
@@ -91,8 +91,9 @@ class ModelConfig(StrictModel):
     )
     fpn_channels: int = Field(256, ge=4)
     returned_layers: list[int] = Field(
-        [2, 3, 4], min_length=1, description="ResNet stages (1-4) fed to the FPN; keep 4 so the last stage, which ImPA and LsKD read by "
-        "default, is trained by the detection loss too",
+        [2, 3, 4], min_length=1,
+        description="ResNet stages (1-4) fed to the FPN; keep 4 so the last stage, which ImPA and LsKD read by default, "
+        "is trained by the detection loss too",
     )
     anchor_base_sizes: list[float] = Field(
         [32.0, 32.0], min_length=2, max_length=2, description="base anchor (height, width) at the finest level"

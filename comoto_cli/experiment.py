@@ -170,7 +170,8 @@ def _plot(path: Path, rows: list[dict], config: ExperimentConfig) -> None:
     width = 0.8 / max(len(config.methods), 1)
     for index, method in enumerate(config.methods):
         chosen = [r for r in rows if r["method"] == method]
-        x = np.array([config.train_ratios.index(r["train_ratio"]) for r in chosen]) + (index - (len(config.methods) - 1) / 2) * width
+        offset = (index - (len(config.methods) - 1) / 2) * width
+        x = np.array([config.train_ratios.index(r["train_ratio"]) for r in chosen]) + offset
         mean = np.array([r["mean_sensitivity_positive"] for r in chosen])
         error = np.array([[m - r["seed_ci95_low"] for m, r in zip(mean, chosen)],
                           [r["seed_ci95_high"] - m for m, r in zip(mean, chosen)]])

@@ -50,8 +50,9 @@ def iou(a: torch.Tensor, b: torch.Tensor) -> float:
     x1, y1 = torch.max(a[0], b[0]), torch.max(a[1], b[1])
     x2, y2 = torch.min(a[2], b[2]), torch.min(a[3], b[3])
     inter = (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)
-    area = lambda box: (box[2] - box[0]) * (box[3] - box[1])
-    return float(inter / (area(a) + area(b) - inter))
+    area_a = (a[2] - a[0]) * (a[3] - a[1])
+    area_b = (b[2] - b[0]) * (b[3] - b[1])
+    return float(inter / (area_a + area_b - inter))
 
 
 def test_no_torchvision_and_shapes():

@@ -69,7 +69,8 @@ def evaluate(
     if not given_csv and not given_model:
         raise UsageError("nothing to evaluate: give --predictions, --boxes and --labels, or --checkpoint and --cache")
     if settings.predictions is None and not given_model:
-        raise UsageError(f"{'/'.join(given_csv)} only apply with --predictions (or evaluate a model with --checkpoint and --cache)")
+        raise UsageError(f"{'/'.join(given_csv)} only apply with --predictions "
+                         "(or evaluate a model with --checkpoint and --cache)")
     if settings.predictions is not None and (split is not None or batch_size is not None):
         raise UsageError("--split and --batch-size apply to --checkpoint evaluation, not to --predictions")
     if settings.out is None:

@@ -26,7 +26,8 @@ when there is no window anywhere we use the min/max of the pixel data. A window 
 
 Mammograms: decode, apply the modality LUT (rescale slope/intercept) and the VOI transform (window with
 pydicom's ``apply_windowing``; a VOI LUT sequence, preferred when both exist, with our own lookup because
-pydicom's truncates float input and wraps indices of 8-bit LUTs), min-max normalise to ``[0, 1]`` and invert MONOCHROME1, so bright = dense tissue. No
+pydicom's truncates float input and wraps indices of 8-bit LUTs), min-max normalise to ``[0, 1]`` and invert MONOCHROME1,
+so bright = dense tissue. No
 flip: mammography boxes (VinDr) are in the stored frame.
 """
 

@@ -286,7 +286,8 @@ def write_overlay(path: Path, image: np.ndarray, kind: str, result: InputPredict
 def run_predict(config: PredictConfig, progress: bool = True) -> tuple[list[dict], int]:
     """The whole command: inputs -> detector -> ``config.out`` (CSV or JSON) and optional overlays.
 
-    Returns the records written and the number of inputs. The output file is written once, atomically, after every input succeeded.
+    Returns the records written and the number of inputs. The output file is written once, atomically,
+    after every input succeeded.
     """
     from comoto_cli.engine.checkpoint import load_detector
     from comoto_cli.inference.evaluate_checkpoint import pick_device

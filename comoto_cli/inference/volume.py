@@ -180,7 +180,8 @@ def detect_volume(model, slices: np.ndarray | torch.Tensor | SliceSource, *, con
     """Per-slice 2-D detections of one volume, in the cache frame.
 
     ``slices``: (S, H, W) in [0, 1] at the model's image size (numpy, tensor or a lazy :class:`CacheVolume`).
-    Slices go through the detector (:func:`fast_predict`, equal to ``model.predict``) ``config.batch_size`` at a time, skipping ``config.skip_edge_slices``
+    Slices go through the detector (:func:`fast_predict`, equal to ``model.predict``) ``config.batch_size`` at a time,
+    skipping ``config.skip_edge_slices``
     at each end (see :func:`slice_range`). Returns ``slice_index`` (n,) int64, ``boxes`` (n, 4) float32 xyxy
     in the cache frame (pixels of ``slices``) and ``scores`` (n,) float32; the same for any batch size.
     """
