@@ -46,9 +46,9 @@ def run(cache_path=None, *, steps: int = 20, warmup: int = 3, batch_size: int = 
         impa: bool = True, model: dict | None = None) -> dict:
     import torch
 
-    from comoto_cli.commands.train_teacher import make_impa_loss
     from comoto_cli.config import TeacherConfig
     from comoto_cli.engine.datasets import DetectionDataset, infinite_batches, move_batch
+    from comoto_cli.engine.teacher import make_impa_loss
     from comoto_cli.engine.trainer import (
         StepContext,
         TrainStep,

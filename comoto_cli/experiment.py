@@ -71,7 +71,7 @@ def _prepare_data(config: ExperimentConfig, console) -> tuple[Path, Path]:
 
 
 def _train_teacher(config: ExperimentConfig, mammo_cache: Path, impa: bool, console) -> Path:
-    from comoto_cli.commands.train_teacher import run_train_teacher
+    from comoto_cli.engine.teacher import run_train_teacher
 
     run = config.out / "teachers" / ("impa" if impa else "plain")
     if (run / "best.pt").exists() and not (run / "last.pt").exists():

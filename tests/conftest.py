@@ -61,8 +61,8 @@ def tiny_caches(tiny_synth, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_teacher(tiny_caches, tmp_path_factory) -> Path:
     """best.pt of a 2-epoch tiny teacher with ImPA."""
-    from comoto_cli.commands.train_teacher import run_train_teacher
     from comoto_cli.config import TeacherConfig
+    from comoto_cli.engine.teacher import run_train_teacher
 
     out = tmp_path_factory.mktemp("tiny_teacher") / "teacher"
     config = TeacherConfig.model_validate({**TINY_TRAIN, "cache": str(tiny_caches["mammo"]), "out": str(out)})

@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent(
     import torch
     torch.set_num_threads(1)
     from comoto_cli.config import TeacherConfig
-    from comoto_cli.commands.train_teacher import make_impa_loss
+    from comoto_cli.engine.teacher import make_impa_loss
     from comoto_cli.engine import distributed
     from comoto_cli.engine.datasets import DetectionDataset
     from comoto_cli.engine.trainer import seed_everything, train

@@ -1,4 +1,5 @@
 """``comoto train-teacher``: the RetinaNet teacher on a mammography cache, with ImPA by default.
+The library is :mod:`comoto_cli.engine.teacher`.
 
 ImPA (intra-modal point alignment, DESIGN.md section 3) is an ``extra_loss`` of the shared trainer: on each
 batch, the lesion points of the images that have boxes are pulled together and pushed away from random
@@ -12,92 +13,8 @@ from pathlib import Path
 
 import typer
 
-from comoto_cli.commands.common import CONFIG_OPTION_HELP, console, resolve_config
+from comoto_cli.commands.common import CONFIG_OPTION_HELP, resolve_config
 from comoto_cli.config import TeacherConfig
-from comoto_cli.errors import UsageError
-
-
-def make_impa_loss(config: TeacherConfig, image_size: tuple[int, int]):
-    """The trainer's ``extra_loss`` for ImPA: ``{"impa": beta * (...)}``, or ``{}`` for a batch without lesions.
-
-    Positives: lesion points (B_l, C, P) of the batch's images that have boxes; negatives: P random feature
-    positions outside every box of those same images (drawn with the step's seeded generator).
-    """
-    from comoto_cli.losses import background_points, impa_loss, lesion_points
-
-    def impa(batch, losses, features, ctx):
-        keep = [index for index, target in enumerate(batch["targets"]) if len(target["boxes"]) > 0]
-        if not keep:
-            return {}
-        boxes = [batch["targets"][index]["boxes"] for index in keep]
-        selected = features[keep].float()
-        positive = lesion_points(selected, boxes, image_size, config.num_points)
-        negative = background_points(selected, boxes, image_size, config.num_points, generator=ctx.generator)
-        return {"impa": impa_loss(positive, negative, config.beta)}
-
-    return impa
-
-
-def run_train_teacher(config: TeacherConfig, *, resume: bool = False) -> dict:
-    """Everything ``comoto train-teacher`` does after parsing; returns the trainer's summary."""
-    from comoto_cli.cache import SliceCache
-    from comoto_cli.engine import distributed
-    from comoto_cli.engine.datasets import DetectionDataset
-    from comoto_cli.engine.trainer import LAST_CHECKPOINT, seed_everything, train
-    from comoto_cli.engine.validation import METRIC_NAMES, make_val_fn
-    from comoto_cli.networks.detector import build_detector
-
-    if config.cache is None:
-        raise UsageError("--cache is required (a mammography cache from `comoto preprocess mammo`)")
-    if config.out is None:
-        raise UsageError("--out is required (the run folder)")
-    if config.best_metric not in METRIC_NAMES:
-        raise UsageError(f"best_metric: '{config.best_metric}' is not a validation metric of train-teacher; one of: "
-                         f"{', '.join(METRIC_NAMES)}")
-    out = Path(config.out)
-    if not resume and (out / LAST_CHECKPOINT).exists():
-        raise UsageError(f"{out} already holds a training run ({LAST_CHECKPOINT}); pass --resume to continue it "
-                         "or choose another --out")
-    cache = SliceCache(config.cache)
-    if cache.modality != "mammo":
-        raise UsageError(f"{config.cache}: a '{cache.modality}' cache; the teacher trains on a mammography cache "
-                         "(`comoto preprocess mammo`)")
-    image_size = (cache.image_height, cache.image_width)
-    train_set = DetectionDataset(cache, "train", augment=config.augment, seed=config.seed)
-    val_set = DetectionDataset(cache, "val")
-    if len(train_set) == 0:
-        raise UsageError(f"{config.cache}: the train split has no images")
-    if len(val_set) == 0:
-        raise UsageError(f"{config.cache}: the val split has no images (preprocess with split.val_fraction > 0)")
-
-    env = distributed.init_distributed()
-    try:
-        seed_everything(config.seed, config.deterministic)
-        model = build_detector(config.model, image_size)
-        metadata = {
-            "kind": "teacher",
-            "modality": "mammo",
-            "cache": str(config.cache),
-            "cache_config_hash": str(cache.attrs.get("config_hash", "")),
-            "impa": config.impa,
-        }
-        if env.is_main:
-            console.print(f"train-teacher: {len(train_set)} training images ({train_set.num_with_lesions()} with "
-                          f"lesions), {len(val_set)} validation images, {image_size[0]}x{image_size[1]}, "
-                          f"ImPA {'on' if config.impa else 'off'}, device {env.device}"
-                          + (f", {env.world_size} processes" if env.enabled else ""))
-        summary = train(
-            config, model=model, train_set=train_set, val_fn=make_val_fn(val_set, batch_size=config.val_batch_size),
-            run_dir=out, extra_loss=make_impa_loss(config, image_size) if config.impa else None,
-            resume=resume, metadata=metadata, dist_env=env, console=console,
-        )
-    finally:
-        distributed.cleanup(env)
-    if env.is_main:
-        best = summary["best_value"]
-        console.print(f"best {summary['best_metric']} = {best if best is None else round(best, 4)} "
-                      f"(epoch {summary['best_epoch']}); checkpoints in {out}")
-    return summary
 
 
 def train_teacher(
@@ -118,4 +35,6 @@ def train_teacher(
         TeacherConfig, config_file, cache=cache, out=out, impa=impa, epochs=epochs, batch_size=batch_size,
         optim__lr=lr, seed=seed, model__backbone=backbone, num_workers=num_workers,
     )
+    from comoto_cli.engine.teacher import run_train_teacher
+
     run_train_teacher(config, resume=resume)

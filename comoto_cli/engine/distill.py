@@ -19,7 +19,6 @@ by ``mean_sensitivity_positive``. ``train_ratio`` keeps a seeded, patient-level 
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ import torch
 
 from comoto_cli.config import DistillConfig, InferenceConfig
 from comoto_cli.errors import UsageError
+from comoto_cli.utils.atomic import sha256_file
 
 KD_MODES = ("lesion", "image")
 TEACHER_MODES = ("lesion", "image", "pretrain")
@@ -119,14 +119,6 @@ def make_image_kd_loss(config: DistillConfig, teacher, teacher_batches):
     return image_kd
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def run_distill(config: DistillConfig, *, resume: bool = False, console=None) -> dict:
     """Everything ``comoto distill`` does after parsing; returns the trainer's summary."""
     from comoto_cli.cache import SliceCache
@@ -213,7 +205,7 @@ def run_distill(config: DistillConfig, *, resume: bool = False, console=None) ->
             "cache_config_hash": str(cache.attrs.get("config_hash", "")), "train_ratio": config.train_ratio,
             "train_patients": len(kept_patients),
             "teacher": None if config.teacher is None else str(config.teacher),
-            "teacher_sha256": None if config.teacher is None else _file_sha256(Path(config.teacher)),
+            "teacher_sha256": None if config.teacher is None else sha256_file(Path(config.teacher)),
             "teacher_kind": teacher_meta.get("kind"), **teacher_info,
         }
         if env.is_main:

@@ -40,7 +40,7 @@ from comoto_cli.errors import ComotoError, InputDataError
 from comoto_cli.preprocess.resize import resize_area
 from comoto_cli.preprocess.splits import assign_splits, merge_dataset_split
 from comoto_cli.transforms.geometry import official_to_cache
-from comoto_cli.utils.atomic import atomic_path, ensure_writable_dir
+from comoto_cli.utils.atomic import atomic_path, ensure_writable_dir, sha256_file
 
 # Bump when the stored content changes for the same config and inputs (invalidates old parts and caches).
 PIPELINE_VERSION = 1
@@ -57,14 +57,6 @@ def preprocess_config_hash(config: PreprocessConfig) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _file_stamp(path: Path) -> list:
     try:
         stat = path.stat()
@@ -77,7 +69,7 @@ def input_fingerprint(root: Path, csv_files: set[Path], images: set[Path]) -> st
     """CSV contents (small) + DICOM sizes and mtimes (large: never read here)."""
     entries: list = [str(root.resolve())]
     for path in sorted(csv_files, key=str):
-        entries.append([str(path), _sha256_file(path) if path.is_file() else None])
+        entries.append([str(path), sha256_file(path) if path.is_file() else None])
     entries.extend(_file_stamp(path) for path in sorted(images, key=str))
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:32]
 

@@ -59,6 +59,17 @@ def atomic_path(destination: str | Path) -> Iterator[Path]:
         raise
 
 
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_text_atomic(destination: str | Path, text: str) -> None:
     with atomic_path(destination) as temporary:
         with open(temporary, "w", encoding="utf-8") as handle:
