@@ -34,13 +34,13 @@ METHOD_LABELS = {
 
 
 def seed_interval(values: list[float]) -> tuple[float, float, float]:
-    """Mean and 95 % t-interval over seeds (the interval collapses to the mean for one seed)."""
+    """Mean and 95 % t-interval over seeds, clipped to [0, 1] (sensitivities); one seed gives the mean alone."""
     data = np.asarray(values, dtype=np.float64)
     mean = float(data.mean())
     if len(data) < 2:
         return mean, mean, mean
     half = _T95.get(len(data) - 1, 1.96) * float(data.std(ddof=1)) / math.sqrt(len(data))
-    return mean, mean - half, mean + half
+    return mean, max(0.0, mean - half), min(1.0, mean + half)
 
 
 def _say(console, text: str) -> None:

@@ -16,6 +16,7 @@ def test_seed_interval():
     mean, low, high = seed_interval([0.5, 0.7, 0.6])
     assert mean == pytest.approx(0.6) and low < 0.6 < high
     assert seed_interval([0.4]) == (0.4, 0.4, 0.4)
+    assert seed_interval([0.0, 1.0]) == (0.5, 0.0, 1.0)  # clipped to the range of a sensitivity
 
 
 def test_miniature_experiment(tmp_path, tiny_synth, capsys):
