@@ -144,7 +144,8 @@ def _markdown(rows: list[dict], config: ExperimentConfig, seconds: float) -> str
     lines = [
         f"Mean sensitivity at 1-4 FP per volume (DBTex `mean_sensitivity_positive`) on the {config.split} split; "
         f"mean over {len(config.seeds)} seed(s) with a 95 % t-interval over seeds, and the mean per-run patient "
-        f"bootstrap interval. {time.strftime('%Y-%m-%d')}; this invocation took {seconds / 60:.0f} min (finished runs are reused).",
+        f"bootstrap interval. {time.strftime('%Y-%m-%d')}; this invocation took {seconds / 60:.0f} min "
+        "(finished runs are reused).",
         "",
         "| method | train ratio | seeds | mean sensitivity | 95 % CI (seeds) | 95 % CI (bootstrap) | sens. @2 FP (all) |",
         "|---|---|---|---|---|---|---|",
