@@ -410,6 +410,11 @@ def _categories(cell: str) -> list[str]:
     return [item.strip() for item in value]
 
 
+def _mammo_box(box: tuple[float, float, float, float], cls: str, csv: Path, row: int) -> LesionBox:
+    """A mammogram's lesion box (x, y, width, height in the stored frame; slice 0)."""
+    return LesionBox(slice=0, x=box[0], y=box[1], width=box[2], height=box[3], cls=cls, csv=csv, row=row)
+
+
 def _mammo_records(root: Path, csv: Path, entries: list[tuple[str, dict]], skipped: Skipped | None) -> list[ImageRecord]:
     """One record per (relative source path, gathered entry) whose file exists inside the root; shared by the
     VinDr and manifest adapters (an entry holds patient, study, view, split, row and its boxes)."""
@@ -479,18 +484,7 @@ def discover_vindr(
                     f"{entry['study']}/{entry['view']}/{entry['split']} in row {entry['row']}"
                 )
             if box is not None:
-                entry["boxes"].append(
-                    LesionBox(
-                        slice=0,
-                        x=box[0],
-                        y=box[1],
-                        width=box[2],
-                        height=box[3],
-                        cls=", ".join(categories) or "lesion",
-                        csv=csv,
-                        row=row,
-                    )
-                )
+                entry["boxes"].append(_mammo_box(box, ", ".join(categories) or "lesion", csv, row))
         except _BadRow as exc:
             _report(skipped, _row_error(str(exc), csv, row), csv, row)
             if image_id:
@@ -555,18 +549,7 @@ def read_manifest(root: Path, manifest_csv: Path, *, skipped: Skipped | None = N
                     f"{entry['patient']}/{entry['study']}/{entry['view']}/{entry['split']} in row {entry['row']}"
                 )
             if box is not None:
-                entry["boxes"].append(
-                    LesionBox(
-                        slice=0,
-                        x=box[0],
-                        y=box[1],
-                        width=box[2],
-                        height=box[3],
-                        cls=cell("class", index) or "lesion",
-                        csv=csv,
-                        row=row,
-                    )
-                )
+                entry["boxes"].append(_mammo_box(box, cell("class", index) or "lesion", csv, row))
         except _BadRow as exc:
             _report(skipped, _row_error(str(exc), csv, row), csv, row)
             if source:
