@@ -35,6 +35,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,7 +321,12 @@ def train(
                     progress.advance(task)
             progress.remove_task(task)  # the epoch's summary line below replaces its bar
             if scheduler is not None:
-                scheduler.step()
+                with warnings.catch_warnings():
+                    # With AMP, GradScaler skips the steps whose fp16 gradients overflowed (routinely the first
+                    # ones, and a whole epoch when a tiny train set has one step per epoch); the schedule is per
+                    # epoch, so torch's "scheduler.step() before optimizer.step()" warning is a false alarm here.
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+                    scheduler.step()
             mean_losses = distributed.reduce_mean(sums, counts, env)
             train_seconds = time.perf_counter() - epoch_start
 
