@@ -273,3 +273,11 @@ def test_metric_improved():
     assert metric_improved(0.2, 0.1, "mean_sensitivity") and not metric_improved(0.1, 0.1, "mean_sensitivity")
     assert metric_improved(0.1, 0.2, "val_loss") and not metric_improved(0.3, 0.2, "val_loss")
     assert not metric_improved(None, 0.1, "map") and not metric_improved(float("nan"), None, "map")
+
+
+def test_epoch_line_keeps_total_last():
+    from comoto_cli.engine.trainer import _format_losses
+
+    # an epoch whose first batch had no lesion point records "total" before the ImPA term appears
+    line = _format_losses({"classification": 0.1, "total": 0.9, "impa": 0.5})
+    assert line == "classification 0.1000 impa 0.5000 total 0.9000"

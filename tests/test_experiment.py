@@ -56,3 +56,25 @@ def test_miniature_experiment(tmp_path, tiny_synth, capsys):
     assert info.value.code == 0
     assert (out / "students" / "none_r1_s0" / "best.pt").stat().st_mtime_ns == stamp
     assert "experiment: DBT only" not in capsys.readouterr().out
+
+
+def test_plot_marks_every_seed(tmp_path, monkeypatch):
+    """The results plot draws one dot per run (seed) besides the bars, so a 3-seed spread is visible."""
+    import matplotlib.axes
+
+    from comoto_cli import experiment
+    from comoto_cli.config import ExperimentConfig
+
+    config = ExperimentConfig.model_validate({"out": str(tmp_path), "methods": ["none", "lesion"],
+                                              "train_ratios": [0.1, 1.0], "seeds": [0, 1, 2]})
+    records = [{"method": m, "train_ratio": r, "seed": s, "mean_sensitivity_positive": 0.1 * s + r / 2,
+                "sensitivity_at_2_fps_all": 0.3}
+               for m in config.methods for r in config.train_ratios for s in config.seeds]
+    dots = []
+    original = matplotlib.axes.Axes.scatter
+    monkeypatch.setattr(matplotlib.axes.Axes, "scatter",
+                        lambda self, x, y, **kw: (dots.extend(zip(x, y)), original(self, x, y, **kw))[1])
+    experiment._plot(tmp_path / "results.png", experiment.summarise(records, config), records, config)
+    assert len(dots) == len(records)
+    assert sorted(y for _, y in dots) == pytest.approx(sorted(r["mean_sensitivity_positive"] for r in records))
+    assert (tmp_path / "results.png").stat().st_size > 0

@@ -184,7 +184,10 @@ def _progress(enabled: bool, console=None):
 
 
 def _format_losses(losses: dict[str, float]) -> str:
-    return " ".join(f"{name} {value:.4f}" for name, value in losses.items())
+    # "total" last even when a term (ImPA, LsKD) first appeared after it, e.g. an epoch whose first batch had
+    # no lesion point
+    ordered = sorted(losses.items(), key=lambda item: item[0] == "total")
+    return " ".join(f"{name} {value:.4f}" for name, value in ordered)
 
 
 # ------------------------------------------------------------------------------------------------ the loop
