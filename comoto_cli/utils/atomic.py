@@ -21,6 +21,14 @@ def _temporary_name(destination: Path) -> Path:
     return Path(name)
 
 
+def _plain_file_mode() -> int:
+    """The mode ``open(path, "w")`` would give a new file: 0o666 less the umask. mkstemp makes its file 0o600,
+    which would leave caches, checkpoints and results unreadable to the rest of a lab on a shared server."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def ensure_writable_dir(folder: str | Path) -> Path:
     """Create ``folder`` (and parents) or raise a one-line error saying why it cannot be used."""
     folder = Path(folder)
@@ -50,6 +58,8 @@ def atomic_path(destination: str | Path) -> Iterator[Path]:
         raise ComotoError(f"cannot write: {exc.strerror or exc}", path=destination) from None
     try:
         yield temporary
+        if temporary.exists():
+            os.chmod(temporary, _plain_file_mode())
         os.replace(temporary, destination)
     except OSError as exc:
         temporary.unlink(missing_ok=True)
