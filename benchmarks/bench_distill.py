@@ -12,17 +12,27 @@ import time
 from pathlib import Path
 
 
-def _time_steps(step_fn, steps: int, warmup: int) -> float:
+def _time_interleaved(step_fns: dict, rounds: int, warmup: int) -> dict[str, float]:
+    """Median seconds per call of each function, the functions taking turns round by round.
+
+    Timing one variant after the other let the machine's drift (turbo, other tenants) land on one side of the
+    ratio: two runs of the same code gave LsKD/none 1.01x and 1.39x. Taking turns puts any drift on both."""
+    import statistics
+
     for _ in range(warmup):
-        step_fn()
-    started = time.perf_counter()
-    for _ in range(steps):
-        step_fn()
-    return (time.perf_counter() - started) / steps
+        for step_fn in step_fns.values():
+            step_fn()
+    times: dict[str, list[float]] = {name: [] for name in step_fns}
+    for _ in range(rounds):
+        for name, step_fn in step_fns.items():
+            started = time.perf_counter()
+            step_fn()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
-def run(dbt_cache: Path, mammo_cache: Path, model: dict, *, batch_size: int = 8, steps: int = 10,
-        warmup: int = 2) -> dict:
+def run(dbt_cache: Path, mammo_cache: Path, model: dict, *, batch_size: int = 8, steps: int = 24,
+        warmup: int = 3) -> dict:
     import torch
 
     from comoto_cli.config import DistillConfig
@@ -85,9 +95,8 @@ def run(dbt_cache: Path, mammo_cache: Path, model: dict, *, batch_size: int = 8,
         with torch.no_grad():
             teacher.distill_features(next(teacher_batches)["images"])
 
-    none_s = _time_steps(none_step, steps, warmup)
-    lesion_s = _time_steps(lesion_step, steps, warmup)
-    teacher_s = _time_steps(teacher_forward, steps, warmup)
+    timed = _time_interleaved({"none": none_step, "lesion": lesion_step, "teacher": teacher_forward}, steps, warmup)
+    none_s, lesion_s, teacher_s = timed["none"], timed["lesion"], timed["teacher"]
 
     # Loader: slices/s through the Dataset (HDF5 read + decompress + augmentation), single process.
     loader_dataset = DetectionDataset(dbt_cache, "train", augment=config.augment)
