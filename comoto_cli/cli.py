@@ -12,6 +12,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from comoto_cli import __version__
 from comoto_cli.commands import (
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     except ComotoError as exc:
         if _debug():
             raise
-        error_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+        error_console.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
         sys.exit(exc.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
@@ -92,8 +93,15 @@ def main(argv: list[str] | None = None) -> None:
         error_console.print("[bold red]interrupted[/]")
         sys.exit(130)
     except Exception as exc:  # click-style usage errors (typer bundles its own click) and unexpected failures
-        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
-            exc.show()
+        if callable(getattr(exc, "format_message", None)) and isinstance(getattr(exc, "exit_code", None), int):
+            if type(exc).__name__ == "NoArgsIsHelpError":  # bare `comoto` / `comoto preprocess`: the help is the answer
+                exc.show()
+                sys.exit(exc.exit_code)
+            # One line like every other error, instead of click's Usage/Try/Error block.
+            context = getattr(exc, "ctx", None)
+            where = getattr(context, "command_path", None) or "comoto"
+            error_console.print(f"[bold red]error:[/] {escape(exc.format_message())} (see `{escape(where)} --help`)",
+                                markup=True, highlight=False)
             sys.exit(exc.exit_code)
         if _debug():
             raise

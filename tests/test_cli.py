@@ -32,11 +32,22 @@ def test_version(capsys):
     assert __version__ in capsys.readouterr().out
 
 
-def test_usage_errors_exit_2(capsys):
+def test_usage_errors_exit_2_with_one_line(capsys):
     assert _exit_code(["preprocess", "dbt"]) == 2
-    assert "Missing argument" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["error: Missing argument 'root'. (see `comoto preprocess dbt --help`)"]
     assert _exit_code(["no-such-command"]) == 2
-    assert "No such command" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "No such command" in err
+    assert _exit_code(["synth", "out", "--seed", "abc"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "'--seed'" in err
+
+
+def test_bare_group_still_prints_its_help(capsys):
+    assert _exit_code(["preprocess"]) == 2
+    captured = capsys.readouterr()
+    assert "Usage" in captured.out + captured.err and "error:" not in captured.err
 
 
 def test_library_error_is_one_line_and_debug_shows_the_trace(tmp_path):
