@@ -70,7 +70,12 @@ def test_content_hash_sees_content_not_bytes_or_mtimes(tmp_path):
     _write(tmp_path / "b.h5", extra_attr={"input_fingerprint": "different mtimes"})
     _write(tmp_path / "c.h5", pixel=0.25)
     _write(tmp_path / "d.h5", skipped=[{"path": "x", "row": 1, "reason": "r"}])
-    digests = {name: cache_content_hash(tmp_path / f"{name}.h5") for name in "abcd"}
+    _write(tmp_path / "e.h5", extra_attr={"config_json": '{"image_height": 8, "workers": 0}'})
+    _write(tmp_path / "f.h5", extra_attr={"config_json": '{"workers": 4, "image_height": 8}'})
+    _write(tmp_path / "g.h5", extra_attr={"config_json": '{"image_height": 16, "workers": 0}'})
+    digests = {name: cache_content_hash(tmp_path / f"{name}.h5") for name in "abcdefg"}
+    assert digests["e"] == digests["f"]  # the worker count is speed, not content
+    assert digests["g"] != digests["e"]  # a setting that changes the data is content
     assert digests["a"] == digests["b"]  # the input fingerprint (mtimes) is not content
     assert digests["c"] != digests["a"]  # pixels differ
     assert digests["d"] != digests["a"]  # the skipped list is content

@@ -20,6 +20,21 @@ from comoto_cli.errors import InputDataError
 TIME_DEPENDENT_ATTRS: frozenset[str] = frozenset({"input_fingerprint", "created", "created_at", "elapsed_seconds"})
 
 
+# Preprocess settings that change only the speed: the stored config keeps them (provenance), the hash does not.
+SPEED_ONLY_SETTINGS: frozenset[str] = frozenset({"workers"})
+
+
+def _content_config(config_json: str) -> str:
+    """The stored preprocess config without its speed-only settings, as canonical JSON."""
+    try:
+        settings = json.loads(config_json)
+    except ValueError:
+        return config_json
+    if not isinstance(settings, dict):
+        return config_json
+    return json.dumps({k: v for k, v in settings.items() if k not in SPEED_ONLY_SETTINGS}, sort_keys=True)
+
+
 def _attr_value(value) -> object:
     if isinstance(value, bytes):
         return value.decode()
@@ -43,7 +58,10 @@ def cache_content_hash(path: str | Path) -> str:
                 for key in sorted(attrs.keys()):
                     if key in TIME_DEPENDENT_ATTRS:
                         continue
-                    digest.update(json.dumps([name, key, _attr_value(attrs[key])], default=str).encode())
+                    value = _attr_value(attrs[key])
+                    if name == "/" and key == "config_json" and isinstance(value, str):
+                        value = _content_config(value)
+                    digest.update(json.dumps([name, key, value], default=str).encode())
 
             update_attrs("/", handle.attrs)
             names: list[str] = []
