@@ -281,3 +281,13 @@ def test_epoch_line_keeps_total_last():
     # an epoch whose first batch had no lesion point records "total" before the ImPA term appears
     line = _format_losses({"classification": 0.1, "total": 0.9, "impa": 0.5})
     assert line == "classification 0.1000 impa 0.5000 total 0.9000"
+
+
+def test_resume_refuses_to_stretch_a_cosine_schedule(tmp_path, tiny_cache):
+    from comoto_cli.errors import UsageError
+
+    config = tiny_config(epochs=1, best_metric="score", optim={"name": "adamw", "lr": 1e-3, "scheduler": "cosine"})
+    _run(tmp_path, tiny_cache, "cos", config=config)
+    with pytest.raises(UsageError, match="planned for 1 epochs, not 2"):
+        _run(tmp_path, tiny_cache, "cos", config=config.model_copy(update={"epochs": 2}), resume=True)
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "cos" / "metrics.jsonl").read_text().splitlines()] == [1]

@@ -247,6 +247,13 @@ def train(
     if resume and last_path.exists():
         state = load_checkpoint(last_path, map_location="cpu")
         meta = state["metadata"]
+        planned = meta.get("epochs")
+        if config.optim.scheduler == "cosine" and planned is not None and int(planned) != config.epochs:
+            # The stored cosine schedule anneals to 0 at its planned end and then climbs again: going on past it,
+            # or stopping short of it, would silently train with a learning rate nobody chose.
+            raise UsageError(f"cannot resume: this run's cosine learning-rate schedule was planned for {planned} "
+                             f"epochs, not {config.epochs}; resume with --epochs {planned}, or start a new run",
+                             path=last_path)
         try:
             model.load_state_dict(state["model_state"])
             for name, module in extras.items():
