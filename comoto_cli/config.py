@@ -151,6 +151,8 @@ class TrainConfig(StrictModel):
     amp: bool = Field(True, description="mixed precision when CUDA is available (ignored on CPU)")
     deterministic: bool = True
     best_metric: str = Field("mean_sensitivity", description="validation metric that picks best.pt")
+    val_every: int = Field(1, ge=1, description="validate every N epochs and after the last one; best.pt is picked "
+                                                "among the validated epochs")
     log_every: int = Field(10, ge=1, description="steps between progress updates")
 
 

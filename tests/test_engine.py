@@ -291,3 +291,12 @@ def test_resume_refuses_to_stretch_a_cosine_schedule(tmp_path, tiny_cache):
     with pytest.raises(UsageError, match="planned for 1 epochs, not 2"):
         _run(tmp_path, tiny_cache, "cos", config=config.model_copy(update={"epochs": 2}), resume=True)
     assert [json.loads(line)["epoch"] for line in (tmp_path / "cos" / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_val_every_validates_on_schedule_and_after_the_last_epoch(tmp_path, tiny_cache):
+    config = tiny_config(epochs=5, best_metric="score", val_every=2)
+    summary, _ = _run(tmp_path, tiny_cache, "sparse", config=config)
+    validated = [record["epoch"] for record in summary["history"] if record["val"]]
+    assert validated == [2, 4, 5]
+    assert summary["best_epoch"] in validated
+    assert not any(record["is_best"] for record in summary["history"] if not record["val"])

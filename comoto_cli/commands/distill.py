@@ -28,6 +28,7 @@ def distill(
     num_points: int | None = typer.Option(None, "--num-points", help="Lesion points P: 1, 4, 5 or 9."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed (also picks the train-ratio subset)."),
     num_workers: int | None = typer.Option(None, "--num-workers", help="DataLoader worker processes."),
+    val_every: int | None = typer.Option(None, "--val-every", help="Validate every N epochs (and after the last)."),
 ) -> None:
     """Train the DBT student: LsKD from a mammography teacher, or a baseline; best.pt by DBTex mean sensitivity."""
     from comoto_cli.engine.distill import run_distill
@@ -35,6 +36,6 @@ def distill(
     config = resolve_config(
         DistillConfig, config_file, cache=cache, teacher=teacher, teacher_cache=teacher_cache, out=out, mode=mode,
         train_ratio=train_ratio, epochs=epochs, batch_size=batch_size, optim__lr=lr, alpha=alpha,
-        temperature=temperature, num_points=num_points, seed=seed, num_workers=num_workers,
+        temperature=temperature, num_points=num_points, seed=seed, num_workers=num_workers, val_every=val_every,
     )
     run_distill(config, resume=resume, console=console)

@@ -29,11 +29,12 @@ def train_teacher(
     seed: int | None = typer.Option(None, "--seed", help="Random seed."),
     backbone: str | None = typer.Option(None, "--backbone", help="resnet18 | resnet34 | resnet50 | resnet101."),
     num_workers: int | None = typer.Option(None, "--num-workers", help="DataLoader worker processes."),
+    val_every: int | None = typer.Option(None, "--val-every", help="Validate every N epochs (and after the last)."),
 ) -> None:
     """Train the mammography teacher (RetinaNet, ImPA by default); best.pt by validation mean sensitivity."""
     config = resolve_config(
         TeacherConfig, config_file, cache=cache, out=out, impa=impa, epochs=epochs, batch_size=batch_size,
-        optim__lr=lr, seed=seed, model__backbone=backbone, num_workers=num_workers,
+        optim__lr=lr, seed=seed, model__backbone=backbone, num_workers=num_workers, val_every=val_every,
     )
     from comoto_cli.engine.teacher import run_train_teacher
 

@@ -343,14 +343,15 @@ def train(
             # -- validate (rank 0), share the result
             val_start = time.perf_counter()
             model.eval()
-            metrics = val_fn(model) if (val_fn is not None and env.is_main) else {}
+            validates = val_fn is not None and ((epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs)
+            metrics = val_fn(model) if (validates and env.is_main) else {}
             metrics = _jsonable(distributed.broadcast_object(metrics, env))
             val_seconds = time.perf_counter() - val_start
-            if val_fn is not None and config.best_metric not in metrics:
+            if validates and config.best_metric not in metrics:
                 raise UsageError(f"best_metric: '{config.best_metric}' is not a validation metric (available: "
                                  f"{', '.join(sorted(metrics))})")
             value = metrics.get(config.best_metric)
-            is_best = val_fn is not None and metric_improved(value, best_value, config.best_metric)
+            is_best = validates and metric_improved(value, best_value, config.best_metric)
             if is_best:
                 best_value, best_epoch = value, epoch + 1
 
