@@ -58,8 +58,7 @@ def atomic_path(destination: str | Path) -> Iterator[Path]:
         raise ComotoError(f"cannot write: {exc.strerror or exc}", path=destination) from None
     try:
         yield temporary
-        if temporary.exists():
-            os.chmod(temporary, _plain_file_mode())
+        os.chmod(temporary, _plain_file_mode())
         os.replace(temporary, destination)
     except OSError as exc:
         temporary.unlink(missing_ok=True)
