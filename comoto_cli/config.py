@@ -68,7 +68,9 @@ class PreprocessConfig(StrictModel):
         2, ge=0, description="DBT training slices drawn (seeded) from each lesion-free training volume"
     )
     on_error: OnError = Field("fail", description="fail: stop at the first bad input; skip: list and go on")
-    workers: int = Field(0, ge=0, description="worker processes; 0 = all cores")
+    workers: int = Field(0, ge=0, description="worker processes; 0 = as many as the cores and the free memory allow")
+    decoder: Literal["auto", "pylibjpeg", "gdcm", "pillow"] = Field(
+        "auto", description="JPEG 2000 decoder (auto: pylibjpeg-openjpeg, the most frames per core; others: GDCM)")
     compression_level: int = Field(4, ge=0, le=9, description="gzip level of the cache's image chunks")
     # Explicit CSV paths; when absent they are found in ROOT by their columns.
     file_paths_csv: Path | None = None

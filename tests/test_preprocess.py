@@ -70,6 +70,17 @@ def fake(monkeypatch, tmp_path):
     monkeypatch.setattr(dicom_io, "read_dbt_header", lambda path: tuple(np.load(path, mmap_mode="r").shape))
     monkeypatch.setattr(dicom_io, "read_dbt_volume", read_volume)
 
+    class Frames:  # the streaming reader's interface over a fake volume
+        def __init__(self, volume):
+            self.shape, self.flipped, self.pixels = volume.pixels.shape, volume.flipped, volume.pixels
+
+        def frames(self, indices=None):
+            for index in range(len(self.pixels)) if indices is None else sorted(set(indices)):
+                yield index, self.pixels[index]
+
+    monkeypatch.setattr(dicom_io, "open_dbt", lambda path, view, row=None, csv=None, decoder="auto":
+                        Frames(read_volume(path, view, row, csv)))
+
     def make(**kwargs):
         records = _fake_dataset(tmp_path / "data", **kwargs)
         monkeypatch.setattr(sources, "discover_bcs_dbt", lambda root, **kw: list(records))
@@ -189,7 +200,7 @@ def test_rerun_is_up_to_date_and_partial_work_is_reused(fake, tmp_path):
         preprocess(fake.root, out, _config(), progress=False)
     assert not out.exists()
     assert not list(tmp_path.glob(".dbt.h5.*"))  # no stray temporary cache
-    parts = list(Path(f"{out}.parts").glob("*/*.npz"))
+    parts = list(Path(f"{out}.parts").glob("*/*.part.h5"))
     assert len(parts) == 5
     fake.state["fail_after"] = None
     fake.decoded.clear()
@@ -407,7 +418,7 @@ def test_kill_9_then_rerun_gives_the_same_content(synthetic, tmp_path):
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
     deadline = time.monotonic() + 60
-    while not list(Path(f"{out}.parts").glob("*/*.npz")) and process.poll() is None and time.monotonic() < deadline:
+    while not list(Path(f"{out}.parts").glob("*/*.part.h5")) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
     os.killpg(process.pid, signal.SIGKILL)  # its own session: the workers die with it
     assert process.wait() == -signal.SIGKILL  # killed mid-run, not finished

@@ -76,8 +76,8 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, tmp_path, tiny_synth, ti
     resumable = {name for name in changed if name == "out" or (name.startswith("out" + os.sep) and ".parts" in name)}
     if resumable:
         parts_files = [tmp_path / name for name in resumable if (tmp_path / name).is_file()]
-        assert parts_files and all(p.suffix == ".npz" or p.name == "lock" for p in parts_files), resumable
-        assert any(p.suffix == ".npz" for p in parts_files)
+        assert parts_files and all(p.name.endswith(".part.h5") or p.name == "lock" for p in parts_files), resumable
+        assert any(p.name.endswith(".part.h5") for p in parts_files)
     assert not changed - resumable, f"the failed command left or changed files: {sorted(changed - resumable)}"
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
 
@@ -197,7 +197,7 @@ def test_preprocess_killed_at_any_point_then_rerun_gives_the_same_cache(parts_be
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
     deadline = time.monotonic() + 60
-    while (len(list(Path(f"{out}.parts").glob("*/*.npz"))) < wanted and process.poll() is None
+    while (len(list(Path(f"{out}.parts").glob("*/*.part.h5"))) < wanted and process.poll() is None
            and time.monotonic() < deadline):
         time.sleep(0.002)
     time.sleep(extra_delay)

@@ -65,6 +65,27 @@ class VolumeRecord:
     lesion_classes: list[str] = field(default_factory=list)
 
 
+def create_image_dataset(group: h5py.Group, name: str, count: int, height: int, width: int,
+                         compression_level: int) -> h5py.Dataset:
+    """``count`` float16 slices of (height, width), one gzip + shuffle chunk per slice: the cache's image layout.
+    Preprocess workers write their per-volume work files with it too, so chunks move between files unchanged."""
+    return group.create_dataset(
+        name, shape=(count, height, width), maxshape=(None, height, width), dtype=np.float16,
+        chunks=(1, height, width), compression="gzip", compression_opts=compression_level, shuffle=True,
+    )
+
+
+def copy_chunks(source: h5py.Dataset, target: h5py.Dataset, start: int) -> None:
+    """Append ``source``'s slices to ``target`` at row ``start`` as their stored (compressed) chunks: no decoding.
+    Both must come from :func:`create_image_dataset` with the same size and compression level."""
+    if source.chunks != target.chunks or source.compression_opts != target.compression_opts:
+        raise ValueError(f"chunk layouts differ: {source.chunks}/{source.compression_opts} vs "
+                         f"{target.chunks}/{target.compression_opts}")
+    for index in range(source.shape[0]):
+        filter_mask, chunk = source.id.read_direct_chunk((index, 0, 0))
+        target.id.write_direct_chunk((start + index, 0, 0), chunk, filter_mask)
+
+
 class CacheWriter:
     """Append volumes and their slices, then :meth:`close`. Write to a temporary path and rename it yourself
     (``comoto_cli.utils.atomic.atomic_path``): this class never renames."""
@@ -79,11 +100,8 @@ class CacheWriter:
             "config_hash": config_hash, "image_height": self.height, "image_width": self.width,
             "source_root": source_root, "skipped_json": "[]",
         })
-        slices = self.file.create_group("slices")
-        self._images = slices.create_dataset(
-            "images", shape=(0, self.height, self.width), maxshape=(None, self.height, self.width), dtype=np.float16,
-            chunks=(1, self.height, self.width), compression="gzip", compression_opts=compression_level, shuffle=True,
-        )
+        self._images = create_image_dataset(self.file.create_group("slices"), "images", 0, self.height, self.width,
+                                            compression_level)
         self._volumes: list[VolumeRecord] = []
         self._slice_volume: list[int] = []
         self._slice_index: list[int] = []
@@ -95,11 +113,11 @@ class CacheWriter:
         self._num_lesions = 0
         self._slice_ranges: list[tuple[int, int]] = []
 
-    def add_volume(self, record: VolumeRecord, slice_indices: list[int], images: np.ndarray,
+    def add_volume(self, record: VolumeRecord, slice_indices: list[int], images: np.ndarray | h5py.Dataset,
                    slice_boxes: list[np.ndarray], slice_box_lesions: list[np.ndarray]) -> int:
-        """Add one volume: ``images`` (k, H, W) in [0, 1] for ``slice_indices``; per slice its cache-frame xyxy
-        boxes and, for each box, the index of the lesion in ``record.lesions`` it comes from. Returns its row."""
-        images = np.asarray(images)
+        """Add one volume: ``images`` (k, H, W) in [0, 1] for ``slice_indices`` (an array, or a dataset made by
+        :func:`create_image_dataset`, whose chunks are copied as stored); per slice its cache-frame xyxy boxes and,
+        for each box, the index of the lesion in ``record.lesions`` it comes from. Returns its row."""
         if images.ndim != 3 or images.shape[1:] != (self.height, self.width) or len(images) != len(slice_indices):
             raise ValueError(f"images shape {images.shape} does not match {len(slice_indices)} slices of "
                              f"{self.height}x{self.width}")
@@ -107,8 +125,10 @@ class CacheWriter:
         start = self._images.shape[0]
         record.volume_slices = int(record.volume_slices or record.num_slices)
         self._images.resize(start + len(images), axis=0)
-        if len(images):
-            self._images[start:start + len(images)] = np.clip(images, 0.0, 1.0).astype(np.float16)
+        if isinstance(images, h5py.Dataset):
+            copy_chunks(images, self._images, start)
+        elif len(images):
+            self._images[start:start + len(images)] = np.clip(np.asarray(images), 0.0, 1.0).astype(np.float16)
         for index, boxes, lesion_ids in zip(slice_indices, slice_boxes, slice_box_lesions):
             boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
             self._slice_volume.append(volume_row)

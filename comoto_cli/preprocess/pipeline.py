@@ -32,8 +32,10 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 
+from comoto_cli.cache import h5cache
 from comoto_cli.cache.h5cache import FORMAT_VERSION, CacheWriter, VolumeRecord
 from comoto_cli.config import PreprocessConfig, config_json
 from comoto_cli.errors import ComotoError, InputDataError
@@ -46,13 +48,14 @@ from comoto_cli.utils.atomic import atomic_path, ensure_writable_dir, sha256_fil
 PIPELINE_VERSION = 1
 
 FINGERPRINT_ATTR = "input_fingerprint"
+PART_SUFFIX = ".part.h5"
 
 
 # ---------------------------------------------------------------------------------------------- hashing
 def preprocess_config_hash(config: PreprocessConfig) -> str:
-    """Hash of the config fields that change the cache's content. ``workers`` only changes the speed, so a
-    rerun with another worker count reuses the parts and the finished cache."""
-    normalized = config.model_copy(update={"workers": 0})
+    """Hash of the config fields that change the cache's content. ``workers`` and ``decoder`` only change the
+    speed (every decoder returns the same pixels), so a rerun with others reuses the parts and the finished cache."""
+    normalized = config.model_copy(update={"workers": 0, "decoder": "auto"})
     payload = f"{config_json(normalized)}|format={FORMAT_VERSION}|pipeline={PIPELINE_VERSION}"
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -90,6 +93,8 @@ class VolumeTask:
     height: int
     width: int
     part: Path
+    compression_level: int = 4
+    decoder: str = "auto"
 
 
 @dataclass
@@ -104,51 +109,76 @@ class _Planned:
     task: VolumeTask | None = None
 
 
-def _save_part(path: Path, images: np.ndarray, slice_indices: np.ndarray, flipped: bool,
-               shape: tuple[int, ...]) -> None:
-    with atomic_path(path) as temporary, open(temporary, "wb") as handle:
-        np.savez_compressed(handle, images=images, slice_indices=slice_indices,
-                            flipped=np.asarray(flipped), shape=np.asarray(shape, dtype=np.int64))
-        handle.flush()
-        os.fsync(handle.fileno())
+def _open_part(path: Path, task: VolumeTask, count: int):
+    """The work file of one volume: an HDF5 file whose ``images`` dataset has the cache's own chunking and filters,
+    so the main process copies its compressed chunks into the cache as they are (no second compression)."""
+    return h5cache.create_image_dataset(h5py.File(path, "w", libver="latest"), "images", count, task.height,
+                                        task.width, task.compression_level)
 
 
 def _load_part(path: Path) -> dict | None:
-    """The saved result of one volume, or None when it is missing or unreadable (then it is redone)."""
+    """The finished work file of one volume (open, the caller closes ``handle``), or None when it is missing or
+    unreadable (then it is redone). Only complete files are ever renamed into place, so a readable one is whole."""
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return {"images": data["images"], "slice_indices": data["slice_indices"],
-                    "flipped": bool(data["flipped"]), "shape": tuple(int(v) for v in data["shape"])}
-    except (OSError, ValueError, KeyError, EOFError, Exception):  # a torn or foreign file: recompute
+        handle = h5py.File(path, "r")
+    except (OSError, ValueError):
+        return None
+    try:
+        attrs = handle.attrs
+        return {"handle": handle, "images": handle["images"], "slice_indices": np.asarray(attrs["slice_indices"]),
+                "flipped": bool(attrs["flipped"]), "shape": tuple(int(v) for v in attrs["shape"])}
+    except (OSError, KeyError, ValueError):
+        handle.close()
         return None
 
 
-def process_volume(task: VolumeTask) -> dict:
-    """Worker: decode one DICOM, resize the wanted slices, save them as a part. Returns ``{"part": path}`` or
-    ``{"error": {"path", "row", "reason"}}`` for bad input (exceptions lose their fields when pickled)."""
+def _read_source(task: VolumeTask):
+    """(shape, flipped, iterator of (index, float32 frame in the official frame)) for the task's slices."""
     from comoto_cli.data import dicom_io
 
+    if task.modality == "dbt":
+        source = dicom_io.open_dbt(task.path, task.view, row=task.row, csv=task.csv, decoder=task.decoder)
+        shape = tuple(int(v) for v in source.shape)
+        if shape == tuple(task.expected_shape):
+            return shape, bool(source.flipped), source.frames(task.slices)
+    else:
+        image = dicom_io.read_mammogram(task.path, row=task.row, csv=task.csv)
+        shape = (1, *image.shape)
+        if shape == tuple(task.expected_shape):
+            return shape, False, iter([(0, image)])
+    raise InputDataError(f"decoded pixels have shape {shape} but the header says {tuple(task.expected_shape)}",
+                         path=task.path)
+
+
+def _fsync(path: Path) -> None:
+    """Renaming makes a work file all-or-nothing against kill -9; the fsync keeps that after a power cut too."""
+    handle = os.open(path, os.O_RDONLY)
     try:
-        if task.modality == "dbt":
-            volume = dicom_io.read_dbt_volume(task.path, task.view, row=task.row, csv=task.csv)
-            pixels, flipped = volume.pixels, bool(volume.flipped)
-        else:
-            pixels, flipped = dicom_io.read_mammogram(task.path, row=task.row, csv=task.csv)[None], False
-        pixels = np.asarray(pixels)
-        if pixels.ndim != 3:
-            raise InputDataError(f"decoded image has shape {pixels.shape}, expected 3 axes", path=task.path)
-        if tuple(pixels.shape) != tuple(task.expected_shape):
-            raise InputDataError(f"decoded pixels have shape {tuple(pixels.shape)} but the header says "
-                                 f"{tuple(task.expected_shape)}", path=task.path)
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def process_volume(task: VolumeTask) -> dict:
+    """Worker: decode the wanted frames of one DICOM one at a time, resize each into the volume's work file.
+    Returns ``{"part": path}`` or ``{"error": {"path", "row", "reason"}}`` for bad input (exceptions lose their
+    fields when pickled). Memory: one raw frame, its float32 window and resize (see the README's bound)."""
+    try:
+        shape, flipped, frames = _read_source(task)
+        indices = list(range(shape[0])) if task.slices is None else sorted(set(task.slices))
+        with atomic_path(task.part) as temporary:
+            images = _open_part(temporary, task, len(indices))
+            try:
+                for position, (_, frame) in enumerate(frames):
+                    resized = resize_area(frame, task.height, task.width)
+                    images[position] = np.clip(resized, 0.0, 1.0).astype(np.float16)
+                images.file.attrs.update({"slice_indices": np.asarray(indices, np.int64), "flipped": flipped,
+                                          "shape": np.asarray(shape, np.int64)})
+            finally:
+                images.file.close()
+            _fsync(temporary)
     except InputDataError as exc:
         return {"error": {"path": exc.path or str(task.path), "row": exc.row, "reason": exc.reason}}
-    indices = np.arange(pixels.shape[0]) if task.slices is None else np.asarray(task.slices, dtype=np.int64)
-    if len(indices):
-        images = resize_area(pixels[indices], task.height, task.width)
-    else:
-        images = np.zeros((0, task.height, task.width), np.float32)
-    images = np.clip(images, 0.0, 1.0).astype(np.float16)
-    _save_part(task.part, images, indices.astype(np.int64), flipped, tuple(pixels.shape))
     return {"part": str(task.part)}
 
 
@@ -220,7 +250,7 @@ def _part_name(planned: _Planned, root: Path, height: int, width: int) -> str:
     path = _resolve(root, record.path)
     payload = json.dumps([_record_key(record), _file_stamp(path)[1:], planned.slices, list(planned.shape),
                           height, width, PIPELINE_VERSION])
-    return hashlib.sha256(payload.encode()).hexdigest()[:24] + ".npz"
+    return hashlib.sha256(payload.encode()).hexdigest()[:24] + PART_SUFFIX
 
 
 # ---------------------------------------------------------------------------------------------- locking
@@ -429,7 +459,8 @@ def preprocess(root: Path, out: Path, config: PreprocessConfig, *, progress: boo
                 planned.task = VolumeTask(index, modality, _resolve(root, planned.record.path), planned.record.view,
                                           Path(planned.record.csv), int(planned.record.row), planned.slices,
                                           planned.shape, config.image_height, config.image_width,
-                                          parts_dir / _part_name(planned, root, config.image_height, config.image_width))
+                                          parts_dir / _part_name(planned, root, config.image_height, config.image_width),
+                                          config.compression_level, config.decoder)
             with atomic_path(out) as temporary:
                 writer = CacheWriter(temporary, modality=modality, image_height=config.image_height,
                                      image_width=config.image_width, config_json=config_json(config),
@@ -449,7 +480,7 @@ def preprocess(root: Path, out: Path, config: PreprocessConfig, *, progress: boo
             shutil.rmtree(parts_root, ignore_errors=True)
         except BaseException:
             # Finished parts stay for the rerun; a work folder with nothing in it is just clutter.
-            if not any(parts_root.glob("*/*.npz")):
+            if not any(parts_root.glob(f"*/*{PART_SUFFIX}")):
                 shutil.rmtree(parts_root, ignore_errors=True)
                 # Output folders this run created stay only if they hold something (no empty leftovers).
                 for folder in created:
@@ -499,7 +530,10 @@ def _run_and_write(plan: list[_Planned], writer: CacheWriter, config: Preprocess
                     raise InputDataError(error["reason"], path=error["path"], row=error["row"])
                 worker_skipped.append(error)
                 continue
-            _write_volume(planned, data, writer, config, report)
+            try:
+                _write_volume(planned, data, writer, config, report)
+            finally:
+                data["handle"].close()
 
     with _progress(progress, console) as bar:
         task_id = bar.add_task(f"preprocess {label}", total=len(plan), completed=report["reused"])

@@ -21,7 +21,7 @@ TIME_DEPENDENT_ATTRS: frozenset[str] = frozenset({"input_fingerprint", "created"
 
 
 # Preprocess settings that change only the speed: the stored config keeps them (provenance), the hash does not.
-SPEED_ONLY_SETTINGS: frozenset[str] = frozenset({"workers"})
+SPEED_ONLY_SETTINGS: frozenset[str] = frozenset({"workers", "decoder"})
 
 
 def _content_config(config_json: str) -> str:
