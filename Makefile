@@ -8,7 +8,7 @@ TORCH_PIN ?= torch==2.13.0
 DEMO_DIR ?= demo_data
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install test demo bench schemas lint reproduce clean
+.PHONY: install test demo bench bench-full schemas lint reproduce clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: install
 
 bench: install
 	$(PY) -m benchmarks.run --out benchmarks/results.json
+
+# BCS-DBT-size volumes (64 x 2457 x 1996): preprocess, decoders, predict; about 15 minutes, not part of `make test`.
+bench-full: install
+	$(PY) -m benchmarks.full --out benchmarks/results-full.json
 
 reproduce: install
 	$(COMOTO) experiment configs/experiment-synthetic.json

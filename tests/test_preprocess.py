@@ -16,80 +16,12 @@ import pytest
 
 from comoto_cli.cache.h5cache import SliceCache
 from comoto_cli.config import PreprocessConfig, SplitConfig
-from comoto_cli.data import dicom_io, sources
-from comoto_cli.data.sources import ImageRecord, LesionBox
 from comoto_cli.errors import InputDataError
 from comoto_cli.preprocess.pipeline import preprocess, preprocess_config_hash
 from comoto_cli.preprocess.resize import resize_area
 from comoto_cli.preprocess.splits import assign_splits
 from comoto_cli.preprocess.summary import cache_content_hash, cache_summary
 from comoto_cli.transforms.geometry import cache_to_official
-
-
-# ---------------------------------------------------------------------------------------------- fake dataset
-def _fake_dataset(root: Path, patients: int = 6, slices: int = 9, rows: int = 60, cols: int = 44,
-                  order_seed: int | None = None) -> list[ImageRecord]:
-    """Volumes as .npy files; even patients have one bright lesion per view at a known slice."""
-    root.mkdir(parents=True, exist_ok=True)
-    boxes_csv = root / "boxes.csv"
-    boxes_csv.write_text("PatientID,StudyUID,View,Slice,X,Y,Width,Height\n")
-    rng = np.random.default_rng(0)
-    records = []
-    for p in range(patients):
-        for view in ("lcc", "rmlo"):
-            volume = rng.random((slices, rows, cols)).astype(np.float32) * 0.3
-            path = root / f"P{p:02d}_{view}.npy"
-            boxes = []
-            if p % 2 == 0:
-                centre = 2 + p % 5
-                x, y, w, h = 7.0 + p, 11.0, 13.0, 17.0
-                volume[centre, int(y):int(y + h), int(x):int(x + w)] += 0.6
-                boxes.append(LesionBox(slice=centre, x=x, y=y, width=w, height=h, cls="cancer", csv=boxes_csv,
-                                       row=2 + len(records)))
-            np.save(path, volume)
-            records.append(ImageRecord(patient_id=f"P{p:02d}", study_uid=f"S{p}", view=view, path=path,
-                                       source=path.name, label="cancer" if boxes else "normal", boxes=boxes,
-                                       volume_slices=slices, split=None, csv=root / "paths.csv", row=2 + len(records)))
-    if order_seed is not None:
-        records = [records[i] for i in np.random.default_rng(order_seed).permutation(len(records))]
-    return records
-
-
-@pytest.fixture
-def fake(monkeypatch, tmp_path):
-    """Install fake readers; returns a function (re)making the dataset and the list of decoded paths."""
-    decoded: list[Path] = []
-    state: dict = {}
-
-    def read_volume(path, view, row=None, csv=None):
-        decoded.append(Path(path))
-        if state.get("fail_after") is not None and len(decoded) > state["fail_after"]:
-            raise RuntimeError("simulated crash")
-        return dicom_io.DbtVolume(pixels=np.load(path), flipped=False, path=Path(path))
-
-    monkeypatch.setattr(dicom_io, "read_dbt_header", lambda path: tuple(np.load(path, mmap_mode="r").shape))
-    monkeypatch.setattr(dicom_io, "read_dbt_volume", read_volume)
-
-    class Frames:  # the streaming reader's interface over a fake volume
-        def __init__(self, volume):
-            self.shape, self.flipped, self.pixels = volume.pixels.shape, volume.flipped, volume.pixels
-
-        def frames(self, indices=None):
-            for index in range(len(self.pixels)) if indices is None else sorted(set(indices)):
-                yield index, self.pixels[index]
-
-    monkeypatch.setattr(dicom_io, "open_dbt", lambda path, view, row=None, csv=None, decoder="auto":
-                        Frames(read_volume(path, view, row, csv)))
-
-    def make(**kwargs):
-        records = _fake_dataset(tmp_path / "data", **kwargs)
-        monkeypatch.setattr(sources, "discover_bcs_dbt", lambda root, **kw: list(records))
-        return records
-
-    make.decoded = decoded
-    make.state = state
-    make.root = tmp_path / "data"
-    return make
 
 
 def _config(**kwargs) -> PreprocessConfig:

@@ -604,3 +604,63 @@ def test_apply_official_window_matches_reference_on_random_data():
             as_levels(dicom_io.apply_official_window(frame, low, high)),
             _skimage_rescale_dtype(frame, low, high),
         )
+
+
+# ------------------------------------------------------------------------------ frame-by-frame DBT reading
+def _count_decoded(monkeypatch) -> list[int]:
+    """Record every frame index pydicom is asked to decode."""
+    import pydicom.pixels
+
+    asked: list[int] = []
+    real = pydicom.pixels.iter_pixels
+
+    def counting(src, *, indices=None, **kwargs):
+        asked.extend(indices if indices is not None else [])
+        return real(src, indices=indices, **kwargs)
+
+    monkeypatch.setattr(pydicom.pixels, "iter_pixels", counting)
+    return asked
+
+
+@pytest.mark.parametrize("view,compress", [("lcc", False), ("rmlo", False), ("rcc", True)])
+def test_frames_decode_only_frame_zero_and_the_frames_asked_for(tmp_path, monkeypatch, view, compress):
+    volume = breast_volume(slices=6, rows=40, cols=36, side="left")
+    volume[1:] = volume[1:, :, ::-1]  # later frames would give the other laterality: only frame 0 may decide
+    path = make_dbt(tmp_path / "v.dcm", volume, 1700.3, 2100.7, compress=compress)
+    whole = official_reference(volume, view, 1700.3, 2100.7)
+    asked = _count_decoded(monkeypatch)
+    frames = dicom_io.open_dbt(path, view)
+    assert frames.shape == (6, 40, 36) and frames.flipped == (view[0] == "r")
+    got = dict(frames.frames([4, 2]))
+    assert sorted(asked) == [0, 2, 4]  # frame 0 for the flip rule, then only the kept frames
+    assert sorted(got) == [2, 4]
+    for index, frame in got.items():
+        assert frame.dtype == np.float32
+        np.testing.assert_array_equal(as_levels(frame), whole[index])
+    np.testing.assert_array_equal(as_levels(frames.read_all()), whole)
+
+
+def test_frames_without_window_take_the_whole_volume_range(tmp_path, monkeypatch):
+    volume = breast_volume(slices=4)
+    volume[3, 2, 2] = 4095  # the volume's maximum sits in a frame that is not asked for
+    path = make_dbt(tmp_path / "v.dcm", volume)
+    frame = dict(dicom_io.open_dbt(path, "lcc").frames([1]))[1]
+    expected = _skimage_rescale_dtype(volume, float(volume.min()), float(volume.max()))[1]
+    np.testing.assert_array_equal(as_levels(frame), expected)
+
+
+def test_signed_and_8_bit_frames_use_the_same_window_as_the_direct_formula():
+    for dtype in (np.int16, np.uint8, np.uint16):
+        info = np.iinfo(dtype)
+        frame = np.linspace(info.min, info.max, 97).astype(dtype).reshape(1, 97)
+        lut = dicom_io._window_lut(frame.dtype, float(info.min) / 3 + 7.25, float(info.max) / 2)
+        offset = -int(info.min)
+        np.testing.assert_array_equal(lut[frame.astype(np.int64) + offset],
+                                      dicom_io.apply_official_window(frame, float(info.min) / 3 + 7.25,
+                                                                     float(info.max) / 2))
+
+
+def test_frame_out_of_range_is_one_line(tmp_path):
+    path = make_dbt(tmp_path / "v.dcm", breast_volume(slices=3), 2048, 4096)
+    with pytest.raises(InputDataError, match="the volume has 3"):
+        list(dicom_io.open_dbt(path, "lcc").frames([5]))

@@ -75,15 +75,19 @@ def create_image_dataset(group: h5py.Group, name: str, count: int, height: int, 
     )
 
 
-def copy_chunks(source: h5py.Dataset, target: h5py.Dataset, start: int) -> None:
-    """Append ``source``'s slices to ``target`` at row ``start`` as their stored (compressed) chunks: no decoding.
-    Both must come from :func:`create_image_dataset` with the same size and compression level."""
+def copy_chunks(source: h5py.Dataset, target: h5py.Dataset, start: int, rows: slice | None = None) -> None:
+    """Append ``source``'s slices (all, or the contiguous range ``rows``) to ``target`` from row ``start`` on, as
+    their stored (compressed) chunks: no decoding. ``target`` must already have room for them. Both must come from
+    :func:`create_image_dataset` with the same size and compression level."""
     if source.chunks != target.chunks or source.compression_opts != target.compression_opts:
         raise ValueError(f"chunk layouts differ: {source.chunks}/{source.compression_opts} vs "
                          f"{target.chunks}/{target.compression_opts}")
-    for index in range(source.shape[0]):
+    first, stop, step = (0, source.shape[0], 1) if rows is None else rows.indices(source.shape[0])
+    if step != 1:
+        raise ValueError(f"rows must be a contiguous range, got step {step}")
+    for offset, index in enumerate(range(first, stop)):
         filter_mask, chunk = source.id.read_direct_chunk((index, 0, 0))
-        target.id.write_direct_chunk((start + index, 0, 0), chunk, filter_mask)
+        target.id.write_direct_chunk((start + offset, 0, 0), chunk, filter_mask)
 
 
 class CacheWriter:

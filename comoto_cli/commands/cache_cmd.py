@@ -1,4 +1,4 @@
-"""``comoto cache info CACHE``: what a slice cache holds."""
+"""``comoto cache info CACHE``: what a slice cache holds; ``comoto cache merge OUT SHARD...``: join shards."""
 
 from __future__ import annotations
 
@@ -40,3 +40,25 @@ def info(
     for name, counts in [*summary["splits"].items(), ("total", summary["total"])]:
         table.add_row(name, *(str(counts[key]) for _, key in columns))
     console.print(table)
+
+
+@app.command("merge")
+def merge(
+    out: Path = typer.Argument(..., help="Cache file to write (HDF5; written to a temporary file, then renamed)."),
+    shards: list[Path] = typer.Argument(..., help="All N shard files of one `comoto preprocess ... --shard K/N` run."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+) -> None:
+    """Join the shards of `comoto preprocess dbt|mammo ... --shard K/N` (each K once) into one cache, the same
+    content as a single run (image chunks copied as stored, not recompressed)."""
+    from comoto_cli.cache.merge import merge_caches
+    from comoto_cli.preprocess.summary import cache_summary
+
+    report = merge_caches(out, shards, progress=not no_progress)
+    summary = cache_summary(out)
+    unit = "volumes" if summary["modality"] == "dbt" else "images"
+    splits = ", ".join(f"{name} {s['volumes']} {unit} / {s['slices']} slices" for name, s in summary["splits"].items())
+    console.print(f"wrote {out} ({summary['file_size_bytes'] / 2**20:.1f} MiB) from {report['shards']} shards: "
+                  f"{splits}; {summary['skipped']} skipped input(s), {report['seconds']:.1f} s")
+    if not report["fingerprint"]:
+        console.print("note: the shards' input fingerprints differ (inputs touched between the runs?); the merged "
+                      "cache has none, so `comoto preprocess` into it would not report \"up to date\"")

@@ -24,7 +24,8 @@ def predict(
     overlays: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         "--overlays", help="Folder for one PNG per input showing its top detections.", show_default=False)] = None,
     batch_size: Annotated[Optional[int], typer.Option(  # noqa: UP045
-        "--batch-size", help="Slices per forward pass (default 16).", show_default=False)] = None,
+        "--batch-size", help="Slices per forward pass (default 16; on CPU at most 2048 x 1024 pixels per pass, "
+                         "to bound memory).", show_default=False)] = None,
     skip_edge_slices: Annotated[Optional[int], typer.Option(  # noqa: UP045
         "--skip-edge-slices", help="DBT slices skipped at each end (default 0; the reference skips 4).",
         show_default=False)] = None,

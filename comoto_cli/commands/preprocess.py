@@ -12,24 +12,46 @@ app = typer.Typer(help="DICOM + CSV -> HDF5 slice cache (resized, split by patie
 
 _ROOT_HELP = "Data root (the folder the CSV paths are relative to)."
 _OUT_HELP = "Cache file to write (HDF5). Written to a temporary file and renamed when complete."
+_SHARD_HELP = ("Process only part K of N of the volumes (1 <= K <= N), e.g. ${SLURM_ARRAY_TASK_ID}/N in an array "
+               "job; the split is made over all patients in every part. Join the N files with `comoto cache merge`.")
 
 
-def _run(modality: str, root: Path, out: Path, config_file: Path | None, progress: bool, **flags) -> None:
+def _check_shard(value: str | None) -> str | None:
+    """Option callback: a wrong K/N is a one-line usage error before any work."""
+    if value is None:
+        return None
+    from comoto_cli.cache.merge import parse_shard
+    from comoto_cli.errors import UsageError
+
+    try:
+        parse_shard(value)
+    except UsageError as exc:
+        raise typer.BadParameter(f"expected K/N with 1 <= K <= N (for example 2/8), got {value!r}") from exc
+    return value
+
+
+def _run(modality: str, root: Path, out: Path, config_file: Path | None, progress: bool, shard: str | None = None,
+         **flags) -> None:
+    from comoto_cli.cache.merge import parse_shard
     from comoto_cli.config import PreprocessConfig
     from comoto_cli.preprocess.pipeline import preprocess
     from comoto_cli.preprocess.summary import cache_summary
 
     config = resolve_config(PreprocessConfig, config_file, modality=modality, **flags)
-    report = preprocess(root, out, config, progress=progress)
+    report = preprocess(root, out, config, shard=None if shard is None else parse_shard(shard), progress=progress)
+    part = "" if report.get("shard") is None else f" (shard {report['shard']})"
     if report["up_to_date"]:
-        console.print(f"{out}: up to date (same config and inputs); nothing to do")
+        console.print(f"{out}{part}: up to date (same config and inputs); nothing to do")
         return
     summary = cache_summary(out)
     unit = "volumes" if modality == "dbt" else "images"
     splits = ", ".join(f"{name} {s['volumes']} {unit} / {s['slices']} slices" for name, s in summary["splits"].items())
-    console.print(f"wrote {out} ({summary['file_size_bytes'] / 2**20:.1f} MiB, {config.image_height}x"
-                  f"{config.image_width}): {splits}; {report['computed']} decoded, {report['reused']} reused from "
-                  f"an earlier run, {report['seconds']:.1f} s")
+    console.print(f"wrote {out}{part} ({summary['file_size_bytes'] / 2**20:.1f} MiB, {config.image_height}x"
+                  f"{config.image_width}): {splits or f'no {unit} in this shard'}; {report['computed']} decoded, "
+                  f"{report['reused']} reused from an earlier run, {report['seconds']:.1f} s")
+    if report.get("shard") is not None:
+        console.print(f"when all {report['shard'].split('/')[1]} shards are done: comoto cache merge OUT.h5 "
+                      "SHARD.h5...")
     if report["skipped"]:
         from rich.table import Table
 
@@ -40,6 +62,11 @@ def _run(modality: str, root: Path, out: Path, config_file: Path | None, progres
             table.add_row(str(entry["path"]), "" if entry.get("row") is None else str(entry["row"]),
                           str(entry["reason"]))
         console.print(table)
+
+
+_WORKERS_HELP = "Worker processes (0 = as many as the cores and the free memory allow)."
+_DECODER_HELP = ("JPEG 2000 decoder: auto (pylibjpeg-openjpeg: most frames per core), pylibjpeg, gdcm or pillow. "
+                 "Speed only: every decoder gives the same pixels.")
 
 
 @app.command("dbt")
@@ -56,17 +83,20 @@ def dbt(
         None, "--lesion-slice-offset", help="Training slices: lesion centre +- this many neighbours."),
     normal_slices: int | None = typer.Option(
         None, "--normal-slices", help="Training slices drawn from each normal training volume."),
-    workers: int | None = typer.Option(None, "--workers", "-j", help="Worker processes (0 = all cores)."),
+    workers: int | None = typer.Option(None, "--workers", "-j", help=_WORKERS_HELP),
+    decoder: str | None = typer.Option(None, "--decoder", help=_DECODER_HELP),
     on_error: str | None = typer.Option(None, "--on-error", help="fail (default) or skip bad inputs."),
     file_paths_csv: Path | None = typer.Option(None, "--file-paths-csv", help="BCS-DBT file-paths CSV."),
     labels_csv: Path | None = typer.Option(None, "--labels-csv", help="BCS-DBT labels CSV."),
     boxes_csv: Path | None = typer.Option(None, "--boxes-csv", help="BCS-DBT boxes CSV."),
+    shard: str | None = typer.Option(None, "--shard", metavar="K/N", help=_SHARD_HELP, callback=_check_shard),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
 ) -> None:
     """DBT volumes (BCS-DBT layout) -> slice cache: lesion slices for training, every slice for val/test."""
-    _run("dbt", root, out, config, not no_progress, image_height=image_height, image_width=image_width,
+    _run("dbt", root, out, config, not no_progress, shard, image_height=image_height, image_width=image_width,
          split__val_fraction=val_fraction, split__test_fraction=test_fraction, split__seed=split_seed,
          lesion_slice_offset=lesion_slice_offset, normal_slices_per_volume=normal_slices, workers=workers,
+         decoder=decoder,
          on_error=on_error, file_paths_csv=file_paths_csv, labels_csv=labels_csv, boxes_csv=boxes_csv)
 
 
@@ -81,15 +111,17 @@ def mammo(
     test_fraction: float | None = typer.Option(
         None, "--test-fraction", help="Fraction of patients for test (unused when the dataset has a test split)."),
     split_seed: int | None = typer.Option(None, "--split-seed", help="Seed of the patient split."),
-    workers: int | None = typer.Option(None, "--workers", "-j", help="Worker processes (0 = all cores)."),
+    workers: int | None = typer.Option(None, "--workers", "-j", help=_WORKERS_HELP),
+    decoder: str | None = typer.Option(None, "--decoder", help=_DECODER_HELP),
     on_error: str | None = typer.Option(None, "--on-error", help="fail (default) or skip bad inputs."),
     annotations_csv: Path | None = typer.Option(
         None, "--annotations-csv", help="VinDr-Mammo finding_annotations.csv."),
     manifest_csv: Path | None = typer.Option(
         None, "--manifest-csv", help="Generic manifest: path, patient_id, xmin, ymin, xmax, ymax."),
+    shard: str | None = typer.Option(None, "--shard", metavar="K/N", help=_SHARD_HELP, callback=_check_shard),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
 ) -> None:
     """Mammograms (VinDr-Mammo layout or a generic manifest) -> slice cache: every image, with its boxes."""
-    _run("mammo", root, out, config, not no_progress, image_height=image_height, image_width=image_width,
+    _run("mammo", root, out, config, not no_progress, shard, image_height=image_height, image_width=image_width,
          split__val_fraction=val_fraction, split__test_fraction=test_fraction, split__seed=split_seed,
-         workers=workers, on_error=on_error, annotations_csv=annotations_csv, manifest_csv=manifest_csv)
+         workers=workers, decoder=decoder, on_error=on_error, annotations_csv=annotations_csv, manifest_csv=manifest_csv)

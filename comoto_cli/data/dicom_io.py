@@ -3,15 +3,20 @@
 DBT volumes are returned in the frame of the official BCS-DBT reader (``dcmread_image`` in
 mazurowski-lab/duke-dbt-data), because the challenge's boxes were drawn against that frame:
 
-1. decode all frames, ``(slices, rows, cols)``;
-2. image laterality from the *raw* pixels of frame 0: ``'R'`` if the sum of its first column is smaller than
-   the sum of its last column, else ``'L'``; view laterality = ``view[0].upper()``;
+1. decode the frames, ``(slices, rows, cols)``;
+2. image laterality from the *raw* pixels of frame 0 (``dcmread_image`` reads ``pixel_array[index or 0]``, so
+   frame 0 when the whole volume is read, which is how the boxes were made): ``'R'`` if the sum of its first
+   column is smaller than the sum of its last column, else ``'L'``; view laterality = ``view[0].upper()``;
 3. if they differ, flip both in-plane axes (a 180-degree rotation);
 4. VOI window from SharedFunctionalGroupsSequence[0] -> FrameVOILUTSequence[0] (first value when
    multi-valued, cast to float32 as the official code does): ``[c - w/2, c + w/2]`` is mapped linearly onto
    the output range with clipping, exactly as ``skimage.exposure.rescale_intensity(in_range=(low, high),
    out_range="dtype")`` does for uint16 data (clip, ``(x - low) / (high - low) * 65535``, truncation to
    uint16). We return those uint16 values divided by 65535 as float32, i.e. in ``[0, 1]``.
+
+The official reader decodes every frame; :class:`DbtFrames` gives the same frames while decoding only frame 0
+(for step 2) and the frames asked for, one at a time, so a training volume that keeps two slices costs three
+frame decodes instead of 64 and memory stays at one frame.
 
 Notes on exactness: for uint16 pixel data (BCS-DBT) the result equals the official output / 65535 as
 computed by today's numpy (float64 arithmetic). Under numpy 1.x the official code computed in float32, which
@@ -86,6 +91,11 @@ def _where(path: Path, csv: Path | None, row: int | None) -> str:
     return str(path)
 
 
+def _one_line(exc: BaseException) -> str:
+    """An exception's text on one line: pydicom lists each decoder plugin's failure on a line of its own."""
+    return " ".join(str(exc).split())
+
+
 def _error(message: str, path: Path, csv: Path | None, row: int | None) -> InputDataError:
     return InputDataError(message, path=_where(path, csv, row))
 
@@ -109,7 +119,7 @@ def _read_dataset(path: Path, csv: Path | None, row: int | None, *, header_only:
     except OSError as exc:
         raise _error(f"cannot read file: {exc.strerror or exc}", path, csv, row) from None
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for damaged files
-        raise _error(f"corrupt or truncated DICOM ({type(exc).__name__}: {exc})", path, csv, row) from None
+        raise _error(f"corrupt or truncated DICOM ({type(exc).__name__}: {_one_line(exc)})", path, csv, row) from None
 
 
 def _int_tag(ds, keyword: str, default: int | None = None) -> int | None:
@@ -193,7 +203,7 @@ def _decode(ds, path: Path, csv: Path | None, row: int | None) -> np.ndarray:
     except MemoryError:
         raise _error("not enough memory to decode the pixel data", path, csv, row) from None
     except Exception as exc:  # noqa: BLE001 - decoders raise ValueError, RuntimeError, struct.error, ...
-        raise _error(f"corrupt or truncated DICOM ({type(exc).__name__}: {exc})", path, csv, row) from None
+        raise _error(f"corrupt or truncated DICOM ({type(exc).__name__}: {_one_line(exc)})", path, csv, row) from None
 
 
 def _first_float(value) -> float | None:
@@ -301,18 +311,6 @@ def read_dbt_header(path: Path) -> tuple[int, int, int]:
     return _check_header(ds, path, None, None, need_pixels=False)
 
 
-def _load_volume(ds, path: Path, csv: Path | None, row: int | None) -> np.ndarray:
-    frames, rows, cols = _check_header(ds, path, csv, row, need_pixels=True)
-    pixels = _decode(ds, path, csv, row)
-    if pixels.ndim == 2:
-        pixels = pixels[np.newaxis]
-    if pixels.shape != (frames, rows, cols):
-        raise _error(
-            f"decoded pixel data has shape {pixels.shape}, header says {(frames, rows, cols)}", path, csv, row
-        )
-    return pixels
-
-
 # JPEG 2000 decoders by preference. Measured on BCS-DBT-size frames (2457 x 1996, 12 bits, lossless) on 2 cores:
 # GDCM decodes one frame fastest (0.57 s against 0.75 s) but spends 1.6 cores on it, so with every core busy
 # (preprocess workers) pylibjpeg-openjpeg gets 25-30 % more frames through. GDCM stays the fallback and decodes the
@@ -321,7 +319,7 @@ DECODERS = ("auto", "pylibjpeg", "gdcm", "pillow")
 _J2K_PREFERENCE = ("pylibjpeg", "gdcm", "pillow")
 
 
-def _plugin_for(transfer_syntax, decoder: str) -> str:
+def plugin_for(transfer_syntax, decoder: str) -> str:
     """The pydicom decoding plugin to ask for ('' = pydicom's own choice among the installed ones)."""
     from pydicom.pixels import get_decoder
 
@@ -359,7 +357,7 @@ class DbtFrames:
         window, problem = _dbt_window(ds)
         if problem is not None:
             raise _error(f"no usable VOI window: {problem}", self.path, csv, row)
-        self._plugin = _plugin_for(ds.file_meta.TransferSyntaxUID, decoder) if hasattr(ds, "file_meta") else ""
+        self._plugin = plugin_for(ds.file_meta.TransferSyntaxUID, decoder) if hasattr(ds, "file_meta") else ""
         self._first = next(self._raw([0]))[1]
         # No view laterality known (predict on a DICOM without laterality tags): the pixels decide, so no flip.
         self.flipped = bool(view) and pixel_laterality(self._first) != view[0].upper()
@@ -388,7 +386,7 @@ class DbtFrames:
         except MemoryError:
             raise _error("not enough memory to decode the pixel data", self.path, self.csv, self.row) from None
         except Exception as exc:  # noqa: BLE001 - decoders raise ValueError, RuntimeError, struct.error, ...
-            raise _error(f"corrupt or truncated DICOM ({type(exc).__name__}: {exc})", self.path, self.csv,
+            raise _error(f"corrupt or truncated DICOM ({type(exc).__name__}: {_one_line(exc)})", self.path, self.csv,
                          self.row) from None
 
     def _official(self, frame: np.ndarray) -> np.ndarray:

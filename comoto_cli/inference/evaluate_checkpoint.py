@@ -78,6 +78,7 @@ def _evaluate_dbt(model, cache, config: EvaluateConfig, out: Path, device, progr
     from comoto_cli.metrics.dbtex import DbtexTables, write_predictions_csv
     from comoto_cli.metrics.report import write_dbtex_report
 
+    # One volume at a time, its cached slices read batch by batch (CacheVolume): never a whole volume or split.
     predictions = predict_cache(model, cache, config.split, config.inference, device, progress=progress)
     boxes, labels = dbtex_ground_truth(cache, config.split)
     tables = DbtexTables(predictions=predictions, boxes=boxes, labels=labels)
@@ -120,10 +121,13 @@ def _evaluate_mammo(model, cache, config: EvaluateConfig, out: Path, device, pro
         ground_truth_boxes,
         predict_images,
     )
+    from comoto_cli.inference.volume import forward_batch_size
     from comoto_cli.utils.atomic import write_json_atomic
 
     dataset = DetectionDataset(cache, config.split, augment=None)
-    predictions = predict_images(model, dataset, batch_size=config.inference.batch_size, device=device)
+    # Images are read from the cache batch by batch; on the CPU a batch is capped in pixels like volume inference.
+    batch_size = forward_batch_size(config.inference.batch_size, (cache.image_height, cache.image_width), device)
+    predictions = predict_images(model, dataset, batch_size=batch_size, device=device)
     ground_truth = ground_truth_boxes(dataset)
     metrics = {**detection_metrics(predictions, ground_truth), "split": config.split,
                "checkpoint": str(config.checkpoint)}

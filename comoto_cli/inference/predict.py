@@ -1,10 +1,15 @@
 """``comoto predict``: a trained detector on DICOM files as users have them, DBTex rows out.
 
-Each input is read like the training data (:func:`comoto_cli.data.dicom_io.read_dicom_image`: the official
+Each input is read like the training data (:func:`comoto_cli.data.dicom_io.open_dicom_image`: the official
 reader's frame, VOI window, [0, 1]) and resized with the same area filter as ``comoto preprocess``
 (:func:`comoto_cli.preprocess.resize.resize_area`), so the network sees what it saw in training. DBT volumes
 go through volume inference (every slice, volume NMS); a mammogram is a one-slice volume. Boxes are reported
 in the official frame at full resolution: DBTex columns, then the input's path.
+
+A DBT volume is streamed: :class:`ResizedVolume` decodes and resizes only the frames of the batch the detector
+asks for (:class:`comoto_cli.data.dicom_io.DbtFrames`), so memory holds one batch at the model's size and one
+full-resolution frame, never the whole volume (64 x 2457 x 1996 float32 would be 1.25 GB). Overlays decode
+their few slices again.
 """
 
 from __future__ import annotations
@@ -92,13 +97,30 @@ def dicom_keys(path: Path) -> dict[str, str]:
             "View": laterality + position if laterality and position else ""}
 
 
-class ResizedVolume:
-    """An official-frame (S, rows, cols) volume seen at the model's size: slices resized batch by batch with
-    the preprocess area filter, so a full-resolution volume is never resized (and doubled) all at once."""
+def official_frames(volume, indices):
+    """Yield ``(index, frame)``, full-resolution official-frame frames of ``volume`` (an (S, rows, cols) array
+    or a frame reader such as :class:`DbtFrames`, which decodes only these), for ``indices`` in ascending order."""
+    wanted = sorted({int(i) for i in indices})
+    if isinstance(volume, np.ndarray):
+        for index in wanted:
+            yield index, volume[index]
+    else:
+        yield from volume.frames(wanted)
 
-    def __init__(self, volume: np.ndarray, height: int, width: int):
+
+class ResizedVolume:
+    """An official-frame volume seen at the model's size, (S, height, width), read lazily by slice ranges.
+
+    ``volume`` is either an (S, rows, cols) array or a frame reader with ``shape`` (S, rows, cols) and
+    ``frames(indices)`` yielding ``(index, frame)`` in ascending order (:class:`DbtFrames`, which decodes only
+    the frames asked for). ``source[start:stop]`` decodes those frames one at a time and resizes each with the
+    preprocess area filter (per frame, so the result equals resizing the whole stack at once, bit for bit):
+    only the requested range is ever held, at the model's size.
+    """
+
+    def __init__(self, volume, height: int, width: int):
         self.volume = volume
-        self.shape = (volume.shape[0], int(height), int(width))
+        self.shape = (int(volume.shape[0]), int(height), int(width))
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -106,7 +128,18 @@ class ResizedVolume:
     def __getitem__(self, index: slice) -> np.ndarray:
         from comoto_cli.preprocess.resize import resize_area
 
-        return resize_area(self.volume[index], self.shape[1], self.shape[2])
+        if not isinstance(index, slice):
+            raise TypeError("ResizedVolume is read by slice ranges, source[start:stop]")
+        wanted = list(range(*index.indices(self.shape[0])))
+        out = np.empty((len(wanted), self.shape[1], self.shape[2]), dtype=np.float32)
+        position = {value: i for i, value in enumerate(wanted)}
+        done = 0
+        for frame_index, frame in official_frames(self.volume, wanted):
+            out[position[frame_index]] = resize_area(frame, self.shape[1], self.shape[2])
+            done += 1
+        if done != len(wanted):  # a reader that stopped early must not leave uninitialised slices behind
+            raise RuntimeError(f"frame reader gave {done} of {len(wanted)} frames")
+        return out
 
 
 @dataclass
@@ -118,14 +151,16 @@ class InputPrediction:
     image_shape: tuple[int, ...] = field(default_factory=tuple)
 
 
-def predict_array(model, image: np.ndarray, kind: str, config: InferenceConfig, device) -> dict[str, np.ndarray]:
-    """DBTex rows (no key columns) of one official-frame image: (S, rows, cols) for 'dbt', (rows, cols) for
-    'mammo'. Mammograms keep the detector's own NMS (there is no neighbouring slice to compare with)."""
-    volume = image[None] if kind == "mammo" else image
-    if volume.ndim != 3 or min(volume.shape) < 1:
-        raise ValueError(f"unexpected image shape {image.shape} for kind {kind!r}")
+def predict_array(model, image, kind: str, config: InferenceConfig, device) -> dict[str, np.ndarray]:
+    """DBTex rows (no key columns) of one official-frame image: for 'dbt' an (S, rows, cols) array or a frame
+    reader (:class:`DbtFrames`, streamed batch by batch), for 'mammo' a (rows, cols) array. Mammograms keep the
+    detector's own NMS (there is no neighbouring slice to compare with)."""
+    volume = np.asarray(image)[None] if kind == "mammo" else image
+    shape = tuple(int(v) for v in volume.shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"unexpected image shape {tuple(image.shape)} for kind {kind!r}")
     height, width = (int(v) for v in model.image_size)
-    scale_y, scale_x = height / volume.shape[1], width / volume.shape[2]
+    scale_y, scale_x = height / shape[1], width / shape[2]
     source = ResizedVolume(volume, height, width)
     if kind == "mammo":
         inference = config.model_copy(update={"skip_edge_slices": 0})
@@ -142,20 +177,58 @@ def predict_array(model, image: np.ndarray, kind: str, config: InferenceConfig, 
     return detections_to_dbtex(detections, scale_y=scale_y, scale_x=scale_x, num_slices=len(source), config=config)
 
 
+class _InputErrors:
+    """Context manager: any failure while reading or decoding ``path`` becomes one line naming the file.
+
+    ``broad`` (opening a file) also converts unexpected exception types, as decoders raise many; while
+    predicting only errors that are the input's (ComotoError without a path, MemoryError) are converted, so a
+    bug elsewhere is not disguised as a bad file. (Decoding errors while streaming frames already arrive as
+    InputDataError naming the file, from :class:`DbtFrames`.)
+    """
+
+    def __init__(self, path: Path, *, broad: bool):
+        self.path, self.broad = path, broad
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, _traceback):
+        if exc is None:
+            return False
+        if isinstance(exc, ComotoError):
+            # Decoder messages can span lines (pydicom lists every plugin's failure on its own line).
+            reason = " ".join(exc.reason.split())
+            if exc.path is None:
+                raise InputDataError(reason, path=self.path) from None
+            if reason != exc.reason:
+                raise type(exc)(reason, path=exc.path, row=exc.row) from None
+            return False
+        if isinstance(exc, MemoryError):
+            raise InputDataError("not enough memory to decode this image", path=self.path) from None
+        if self.broad and isinstance(exc, Exception):
+            reason = " ".join(f"cannot read DICOM image: {type(exc).__name__}: {exc}".split())
+            raise InputDataError(reason, path=self.path) from None
+        return False
+
+
+def open_input(path: Path):
+    """``(image, kind)`` of one input without decoding a DBT volume's pixels: for 'dbt' a :class:`DbtFrames`
+    (frames decoded on demand), for 'mammo' a (rows, cols) float32 array; every failure is one line naming the
+    file."""
+    from comoto_cli.data.dicom_io import open_dicom_image
+
+    with _InputErrors(path, broad=True):
+        image, kind = open_dicom_image(path)
+    return (image if kind == "dbt" else np.asarray(image)), str(kind)
+
+
 def read_input(path: Path) -> tuple[np.ndarray, str]:
-    """``read_dicom_image`` with every failure turned into one line naming the file."""
+    """``read_dicom_image`` (a DBT volume read whole) with every failure turned into one line naming the file.
+    ``predict`` itself streams through :func:`open_input`; this is for callers that want the array."""
     from comoto_cli.data.dicom_io import read_dicom_image
 
-    try:
+    with _InputErrors(path, broad=True):
         image, kind = read_dicom_image(path)
-    except ComotoError as exc:
-        if exc.path is None:
-            raise InputDataError(exc.reason, path=path) from None
-        raise
-    except MemoryError:
-        raise InputDataError("not enough memory to decode this image", path=path) from None
-    except Exception as exc:  # noqa: BLE001 - decoders raise many unrelated types for a corrupt file
-        raise InputDataError(f"cannot read DICOM image: {type(exc).__name__}: {exc}", path=path) from None
     return np.asarray(image), str(kind)
 
 
@@ -172,14 +245,17 @@ def predict_inputs(model, paths: list[Path], config: InferenceConfig, device, *,
         task = bar.add_task("", total=len(paths))
         for index, path in enumerate(paths):
             bar.update(task, description=path.name)
-            image, kind = read_input(path)
+            image, kind = open_input(path)
             keys = dicom_keys(path)
             if kind not in ("dbt", "mammo"):
                 raise InputDataError(f"unsupported image kind {kind!r}", path=path)
-            rows = predict_array(model, image, kind, config, device)
-            result = InputPrediction(path=path, kind=kind, keys=keys, rows=rows, image_shape=tuple(image.shape))
+            with _InputErrors(path, broad=False):
+                rows = predict_array(model, image, kind, config, device)
+            result = InputPrediction(path=path, kind=kind, keys=keys, rows=rows,
+                                     image_shape=tuple(int(v) for v in image.shape))
             if overlays is not None:
-                write_overlay(overlays / names[index], image, kind, result)
+                with _InputErrors(path, broad=False):
+                    write_overlay(overlays / names[index], image, kind, result)
             results.append(result)
             del image
             bar.advance(task)
@@ -246,8 +322,11 @@ def overlay_slices(rows: dict[str, np.ndarray], num_slices: int) -> list[int]:
     return chosen or [num_slices // 2]
 
 
-def write_overlay(path: Path, image: np.ndarray, kind: str, result: InputPrediction) -> None:
-    """A PNG for a person to look at: the slice(s) of the top detections with their boxes and scores."""
+def write_overlay(path: Path, image, kind: str, result: InputPrediction) -> None:
+    """A PNG for a person to look at: the slice(s) of the top detections with their boxes and scores.
+
+    ``image`` as for :func:`predict_array`; of a frame reader only the (at most ``OVERLAY_PANELS``) slices shown
+    are decoded."""
     # The Agg canvas directly, not pyplot: no display and no global backend state.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -255,9 +334,10 @@ def write_overlay(path: Path, image: np.ndarray, kind: str, result: InputPredict
 
     from comoto_cli.utils.atomic import atomic_path
 
-    volume = image[None] if kind == "mammo" else image
+    volume = np.asarray(image)[None] if kind == "mammo" else image
     rows = result.rows
-    slices = overlay_slices(rows, len(volume))
+    slices = overlay_slices(rows, int(volume.shape[0]))
+    shown = dict(official_frames(volume, slices))  # the few slices shown, decoded again
     aspect = volume.shape[1] / max(volume.shape[2], 1)
     panel_width = 4.0
     figure = Figure(figsize=(panel_width * len(slices), panel_width * aspect + 0.8), dpi=100)
@@ -265,7 +345,7 @@ def write_overlay(path: Path, image: np.ndarray, kind: str, result: InputPredict
     axes = figure.subplots(1, len(slices), squeeze=False)
     order = np.argsort(-rows["Score"], kind="stable")
     for axis, z in zip(axes[0], slices):
-        axis.imshow(volume[z], cmap="gray", vmin=0.0, vmax=1.0, interpolation="antialiased")
+        axis.imshow(shown[z], cmap="gray", vmin=0.0, vmax=1.0, interpolation="antialiased")
         on_slice = [i for i in order if int(rows["Z"][i]) == z][:OVERLAY_BOXES]
         for rank, i in enumerate(on_slice):
             color = "red" if rank == 0 else "orange"

@@ -5,8 +5,10 @@ maps the boxes back to the official reader's frame at full resolution and keeps,
 boxes that are not beaten by an overlapping, higher-scoring box within ``[i - L/4, i + L/4)`` slices. Each
 surviving box becomes one row of a DBTex submission: ``Z`` = its slice, ``Depth`` = 0.
 
-Slices go through the network in batches straight from memory (or from the HDF5 cache, one batch at a time):
-no temporary files, and a whole 2048 x 1024 volume never needs to be resident at once.
+Slices go through the network in batches straight from memory (or from the HDF5 cache, or decoded from the
+DICOM file, one batch at a time): no temporary files, and a whole 2048 x 1024 volume never needs to be resident
+at once. On the CPU a batch is also capped in pixels (:func:`forward_batch_size`): a ResNet-50 forward pass at
+2048 x 1024 holds several hundred MB of activations per slice, and batching buys a CPU nothing.
 """
 
 from __future__ import annotations
@@ -46,6 +48,23 @@ class CacheVolume:
     def __getitem__(self, index: slice) -> np.ndarray:
         start, stop, _ = index.indices(self.shape[0])
         return self.cache.images(slice(self.rows.start + start, self.rows.start + stop))
+
+
+# Most pixels one forward pass takes on the CPU: one slice at the default 2048 x 1024. The activations of a
+# ResNet-50 RetinaNet pass grow with the pixels (a 2048 x 1024 slice without gradients holds several hundred MB;
+# `comoto predict` on a BCS-DBT volume peaked at 1.14 GiB RSS in all with one slice per pass), while a CPU runs
+# a batch no faster per slice than single slices, so larger batches would only cost memory.
+CPU_PIXELS_PER_PASS = 2048 * 1024
+
+
+def forward_batch_size(batch_size: int, image_size: tuple[int, int], device: torch.device | str) -> int:
+    """Slices per forward pass (and per read of the slice source): ``batch_size``, on the CPU at most
+    ``CPU_PIXELS_PER_PASS`` pixels (at least one slice). Results do not depend on it (see :func:`detect_volume`)."""
+    batch_size = max(1, int(batch_size))
+    if torch.device(device).type != "cpu":
+        return batch_size
+    pixels = max(1, int(image_size[0]) * int(image_size[1]))
+    return max(1, min(batch_size, CPU_PIXELS_PER_PASS // pixels))
 
 
 def slice_range(num_slices: int, skip_edge_slices: int) -> range:
@@ -179,11 +198,14 @@ def detect_volume(model, slices: np.ndarray | torch.Tensor | SliceSource, *, con
                   device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
     """Per-slice 2-D detections of one volume, in the cache frame.
 
-    ``slices``: (S, H, W) in [0, 1] at the model's image size (numpy, tensor or a lazy :class:`CacheVolume`).
-    Slices go through the detector (:func:`fast_predict`, equal to ``model.predict``) ``config.batch_size`` at a time,
-    skipping ``config.skip_edge_slices``
-    at each end (see :func:`slice_range`). Returns ``slice_index`` (n,) int64, ``boxes`` (n, 4) float32 xyxy
-    in the cache frame (pixels of ``slices``) and ``scores`` (n,) float32; the same for any batch size.
+    ``slices``: (S, H, W) in [0, 1] at the model's image size (numpy, tensor or a lazy source such as
+    :class:`CacheVolume` or predict's ``ResizedVolume``). It is read only by ranges ``slices[start:stop]`` of at
+    most ``config.batch_size`` slices (fewer on the CPU, see :func:`forward_batch_size`), in ascending order, and
+    no batch is kept after its pass, so a lazy source never has the whole volume in memory. Slices go through the
+    detector (:func:`fast_predict`, equal to ``model.predict``) a batch at a time, skipping
+    ``config.skip_edge_slices`` at each end (see :func:`slice_range`). Returns ``slice_index`` (n,) int64,
+    ``boxes`` (n, 4) float32 xyxy in the cache frame (pixels of ``slices``) and ``scores`` (n,) float32; the
+    same for any batch size.
     """
     shape = tuple(slices.shape)
     if len(shape) != 3:
@@ -195,13 +217,16 @@ def detect_volume(model, slices: np.ndarray | torch.Tensor | SliceSource, *, con
     device = torch.device(device)
     model.eval()
     wanted = slice_range(shape[0], config.skip_edge_slices)
+    step = forward_batch_size(config.batch_size, expected, device)
     indices, boxes, scores = [], [], []
-    for start in range(wanted.start, wanted.stop, config.batch_size):
-        stop = min(start + config.batch_size, wanted.stop)
+    for start in range(wanted.start, wanted.stop, step):
+        stop = min(start + step, wanted.stop)
         batch = slices[start:stop]
         batch = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch))
         batch = batch.to(device=device, dtype=torch.float32, non_blocking=True).unsqueeze(1)
-        for offset, output in enumerate(fast_predict(model, batch)):
+        outputs = fast_predict(model, batch)
+        del batch  # the next batch is read before this name is rebound: do not hold two at once
+        for offset, output in enumerate(outputs):
             count = len(output["scores"])
             if count == 0:
                 continue

@@ -4,14 +4,21 @@ Steps: discover the images and boxes (``comoto_cli.data.sources``), validate eve
 header, split patients (``splits.assign_splits``), then decode + resize in worker processes while the main
 process writes the HDF5 file (h5py is not safe for concurrent writers).
 
+Real size: a worker decodes only the frames its volume contributes (a training volume: frame 0, which the
+official flip rule reads, plus its kept slices; validation/test: every frame), one frame at a time, and writes
+each resized slice straight into its work file as the cache's own compressed chunk; the main process copies
+those chunks into the cache without decoding them. A worker's peak memory is bounded by
+:func:`worker_memory_bytes` of the frame size, whatever the number of frames.
+
 Crash safety and reuse:
 - the cache is written to a temporary file next to OUT and renamed at the end, so OUT is either absent, the
   previous cache, or complete;
-- each volume's decoded, resized slices are first saved (atomically) as one ``.npz`` in the work folder
-  ``OUT.parts/<config_hash>/``, named by a hash of the volume's key, file size and mtime and the slices asked
-  for. A rerun after a crash or ``kill -9`` skips volumes already there; the folder is deleted after the
-  final rename. The cache is always filled from these parts, so a resumed run stores the same bytes as an
-  uninterrupted one (:func:`comoto_cli.preprocess.summary.cache_content_hash` checks that);
+- each volume's decoded, resized slices are first saved (atomically: written under a temporary name, fsynced,
+  renamed) as one HDF5 work file ``*.part.h5`` in the work folder ``OUT.parts/<config_hash>/``, named by a
+  hash of the volume's key, file size and mtime and the slices asked for. A rerun after a crash or
+  ``kill -9`` skips volumes already there; the folder is deleted after the final rename. The cache is always
+  filled from these parts, so a resumed run stores the same bytes as an uninterrupted one
+  (:func:`comoto_cli.preprocess.summary.cache_content_hash` checks that);
 - OUT records its config hash and a fingerprint of its inputs (CSV contents, DICOM sizes and mtimes); a
   rerun with the same config and unchanged inputs reports "up to date" without touching anything.
 """
@@ -320,9 +327,62 @@ def _cache_is_current(out: Path, config_digest: str, fingerprint: str) -> bool:
         return False
 
 
-def _worker_count(config: PreprocessConfig, pending: int) -> int:
-    wanted = config.workers or os.cpu_count() or 1
-    return max(1, min(wanted, pending))
+# Peak resident memory of one worker: interpreter, numpy, pydicom and h5py, then per source pixel of the largest
+# frame the raw frame, its float32 window, the float64 running sums of the resize and compression buffers.
+# Measured at BCS-DBT size (2457 x 1996): 330 MB; a 4664 x 3064 mammogram: 410 MB; these constants stay above.
+WORKER_BASE_BYTES = 128 * 2**20
+WORKER_BYTES_PER_PIXEL = 48
+
+
+def worker_memory_bytes(frame_pixels: int) -> int:
+    """Upper bound on one preprocess worker's peak memory for frames of ``frame_pixels`` pixels."""
+    return WORKER_BASE_BYTES + WORKER_BYTES_PER_PIXEL * int(frame_pixels)
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        text = Path(path).read_text().split()[0]
+    except (OSError, IndexError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def available_memory_bytes() -> int | None:
+    """Memory this process may still use: the kernel's MemAvailable, capped by a cgroup limit (a SLURM job, a
+    container) when one is set. None where neither can be read."""
+    candidates = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                candidates.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        cap, used = _read_int(limit), _read_int(usage)
+        if cap is not None and used is not None and cap < 2**60:
+            candidates.append(max(cap - used, 0))
+    return min(candidates) if candidates else None
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (a SLURM allocation or taskset restricts them), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _worker_count(config: PreprocessConfig, tasks: list[VolumeTask]) -> int:
+    """``--workers`` as given, or for 0 as many as the cores allow and 80 % of the free memory holds."""
+    if config.workers:
+        return max(1, min(config.workers, len(tasks)))
+    wanted = usable_cores()
+    free = available_memory_bytes()
+    if free is not None and tasks:
+        largest = max(task.expected_shape[1] * task.expected_shape[2] for task in tasks)
+        wanted = min(wanted, int(0.8 * free) // worker_memory_bytes(largest))
+    return max(1, min(wanted, len(tasks)))
 
 
 def _pool(workers: int) -> ProcessPoolExecutor:
@@ -359,14 +419,22 @@ def _progress(enabled: bool, console):
                     transient=False)
 
 
-def preprocess(root: Path, out: Path, config: PreprocessConfig, *, progress: bool = True, console=None) -> dict:
+def preprocess(root: Path, out: Path, config: PreprocessConfig, *, shard: tuple[int, int] | None = None,
+               progress: bool = True, console=None) -> dict:
     """Build the slice cache ``out`` from the dataset in ``root``. Returns a report dict:
-    ``out``, ``up_to_date``, ``volumes``, ``slices``, ``computed``, ``reused``, ``skipped``, ``seconds``."""
+    ``out``, ``up_to_date``, ``volumes``, ``slices``, ``computed``, ``reused``, ``skipped``, ``seconds``, ``shard``.
+
+    ``shard=(K, N)`` (1-based K) builds only part K of N: the plan (every volume, split over all patients) is made
+    as in a full run, then the volumes at plan positions i with ``i % N == K - 1`` are kept. The file is a normal
+    cache of those volumes plus the root attribute ``shard`` ("K/N") and ``/shard/plan_index`` (each volume's
+    position in the full plan); it may hold no volumes. :func:`comoto_cli.cache.merge.merge_caches` joins the N
+    shards into the cache a single run makes. The shard is not part of the config (nor of its hash)."""
     from rich.console import Console
 
     started = time.perf_counter()
     console = console or Console(stderr=True, highlight=False)
     root, out = Path(root), Path(out)
+    shard, shard_label = _checked_shard(shard)  # validated before any work
     if not root.is_dir():
         raise InputDataError("data root is not a folder", path=root)
     if out.exists() and out.is_dir():
@@ -418,9 +486,12 @@ def preprocess(root: Path, out: Path, config: PreprocessConfig, *, progress: boo
         (csv_files if path.suffix.lower() == ".csv" else images).add(path)
     fingerprint = input_fingerprint(root, csv_files, images)
     digest = preprocess_config_hash(config)
-    if out.is_file() and _cache_is_current(out, digest, fingerprint):
-        return {"out": str(out), "up_to_date": True, "volumes": len(kept), "slices": None, "computed": 0,
-                "reused": 0, "skipped": sorted(skipped or [], key=_skip_key), "seconds": time.perf_counter() - started}
+    # A shard keeps the plan positions i with i % N == K - 1; the plan has one entry per kept record, in order.
+    positions = list(range(len(kept))) if shard is None else list(range(shard[0] - 1, len(kept), shard[1]))
+    if out.is_file() and _cache_is_current(out, digest, fingerprint) and _stored_shard(out) == shard_label:
+        return {"out": str(out), "up_to_date": True, "volumes": len(positions), "slices": None, "computed": 0,
+                "reused": 0, "skipped": sorted(skipped or [], key=_skip_key), "seconds": time.perf_counter() - started,
+                "shard": shard_label}
 
     # Patient-level split (dataset splits respected when configured).
     dataset_splits: dict[str, str | None] = {}
@@ -446,11 +517,14 @@ def preprocess(root: Path, out: Path, config: PreprocessConfig, *, progress: boo
                                       config.split.seed)
         plan.append(_Planned(record, split, shape, lesions, classes, stored,
                              source=str(getattr(record, "source", "") or _relative(root, _resolve(root, record.path)))))
+    plan_size = len(plan)
+    plan = [plan[i] for i in positions]
 
     parts_root = Path(f"{out}.parts")
     parts_dir = parts_root / digest
     created = [folder for folder in (out.parent, *out.parent.parents) if not folder.exists()]
-    report = {"out": str(out), "up_to_date": False, "volumes": 0, "slices": 0, "computed": 0, "reused": 0}
+    report = {"out": str(out), "up_to_date": False, "volumes": 0, "slices": 0, "computed": 0, "reused": 0,
+              "shard": shard_label}
     with _exclusive(parts_root):
         try:
             _remove_stale_temporaries(out, parts_dir)
@@ -462,17 +536,21 @@ def preprocess(root: Path, out: Path, config: PreprocessConfig, *, progress: boo
                                           parts_dir / _part_name(planned, root, config.image_height, config.image_width),
                                           config.compression_level, config.decoder)
             with atomic_path(out) as temporary:
-                writer = CacheWriter(temporary, modality=modality, image_height=config.image_height,
-                                     image_width=config.image_width, config_json=config_json(config),
-                                     config_hash=digest, source_root=str(root.resolve()),
-                                     compression_level=config.compression_level)
+                settings = {"modality": modality, "image_height": config.image_height,
+                            "image_width": config.image_width, "config_json": config_json(config),
+                            "config_hash": digest, "source_root": str(root.resolve()),
+                            "compression_level": config.compression_level}
+                writer = (CacheWriter(temporary, **settings) if shard is None
+                          else _ShardWriter(temporary, plan=plan, positions=positions, **settings))
                 try:
                     worker_skipped = _run_and_write(plan, writer, config, report, progress, console, skipped)
                     all_skipped = sorted((skipped or []) + worker_skipped, key=_skip_key)
-                    if report["volumes"] == 0:
+                    if report["volumes"] == 0 and shard is None:  # a shard may hold nothing: merge joins it
                         raise InputDataError("every input was skipped; nothing to cache", path=root)
                     writer.set_skipped(all_skipped)
                     writer.file.attrs[FINGERPRINT_ATTR] = fingerprint
+                    if shard is not None:
+                        writer.write_shard(shard_label, plan_size)
                     writer.close()
                 except BaseException:
                     writer.abort()
@@ -490,6 +568,66 @@ def preprocess(root: Path, out: Path, config: PreprocessConfig, *, progress: boo
     report["skipped"] = all_skipped
     report["seconds"] = time.perf_counter() - started
     return report
+
+
+def _checked_shard(shard: tuple[int, int] | None) -> tuple[tuple[int, int] | None, str | None]:
+    """(K, N) and its label "K/N", after checking 1 <= K <= N (a one-line UsageError otherwise)."""
+    from comoto_cli.cache.merge import parse_shard
+
+    if shard is None:
+        return None, None
+    try:
+        label = "/".join(str(int(v)) for v in shard)
+    except (TypeError, ValueError):
+        label = str(shard)
+    shard = parse_shard(label)
+    return shard, f"{shard[0]}/{shard[1]}"
+
+
+def _stored_shard(out: Path) -> str | None:
+    """The ``shard`` attribute of an existing cache (None for a full cache or an unreadable file)."""
+    from comoto_cli.cache.merge import SHARD_ATTR
+
+    try:
+        with h5py.File(out, "r") as handle:
+            value = handle.attrs.get(SHARD_ATTR)
+    except (OSError, ValueError):
+        return None
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class _ShardWriter(CacheWriter):
+    """A CacheWriter that also notes each added volume's position in the full plan. Volumes arrive in the order of
+    the shard's plan, some left out (skipped inputs), so each one is matched to the next plan entry with its key."""
+
+    def __init__(self, path, *, plan: list[_Planned], positions: list[int], **settings):
+        super().__init__(path, **settings)
+        self._keys = [(str(p.record.patient_id), str(p.record.study_uid), str(p.record.view), str(p.source))
+                      for p in plan]
+        self._positions = positions
+        self._next = 0
+        self.plan_index: list[int] = []
+
+    def add_volume(self, record: VolumeRecord, *args, **kwargs) -> int:
+        key = (str(record.patient_id), str(record.study_uid), str(record.view), str(record.source))
+        while self._next < len(self._keys) and self._keys[self._next] != key:
+            self._next += 1
+        if self._next == len(self._keys):
+            raise RuntimeError(f"volume {key} is not in the shard's plan (or out of plan order)")
+        row = super().add_volume(record, *args, **kwargs)
+        self.plan_index.append(self._positions[self._next])
+        self._next += 1
+        return row
+
+    def write_shard(self, label: str, plan_size: int) -> None:
+        from comoto_cli.cache.merge import SHARD_ATTR, SHARD_GROUP
+
+        self.file.attrs[SHARD_ATTR] = label
+        group = self.file.create_group(SHARD_GROUP)
+        group.create_dataset("plan_index", data=np.asarray(self.plan_index, dtype=np.int64))
+        group.attrs["plan_size"] = int(plan_size)
 
 
 def _skip_key(entry: dict) -> tuple:
@@ -537,7 +675,7 @@ def _run_and_write(plan: list[_Planned], writer: CacheWriter, config: Preprocess
 
     with _progress(progress, console) as bar:
         task_id = bar.add_task(f"preprocess {label}", total=len(plan), completed=report["reused"])
-        workers = _worker_count(config, len(pending))
+        workers = _worker_count(config, pending)
         if workers <= 1 or len(pending) <= 1:
             for task in pending:
                 results[task.index] = process_volume(task)

@@ -5,7 +5,8 @@ alias: calcifications are a few pixels wide and would flicker in and out with po
 pixel is therefore the mean of the input over its footprint (a box filter), with fractional weights for the
 input pixels cut by the footprint's border. This is what ``torch.nn.functional.interpolate(mode="area")``
 computes for integer ratios, but exact for any ratio (torch's adaptive pooling rounds the footprints to whole
-pixels). Computed separably with cumulative sums in float64: O(pixels), no torch in the worker processes.
+pixels). Computed separably with running sums in float64, one image at a time: O(pixels), no torch in the
+worker processes.
 
 Geometry: output pixel ``i`` covers input ``[i * n / N, (i + 1) * n / N)``, so a point ``p`` in the official
 frame maps to ``p * N / n`` in the cache frame, which is exactly ``scale = N / n`` used for the boxes
@@ -17,42 +18,64 @@ from __future__ import annotations
 import numpy as np
 
 
-def _area_axis(values: np.ndarray, size: int, axis: int) -> np.ndarray:
-    """Area-resample ``values`` along ``axis`` to ``size`` samples (float64 in, float64 out)."""
-    length = values.shape[axis]
-    if length == size:
-        return values
-    # integral[k] = sum of the first k input pixels; the integral up to a fractional position t is the linear
-    # interpolation of ``integral`` at t because the signal is constant within a pixel. Working along the
-    # axis in place (no moveaxis copy) keeps the memory access contiguous for the last axis.
-    pad = [(0, 0)] * values.ndim
-    pad[axis] = (1, 0)
-    integral = np.pad(np.cumsum(values, axis=axis), pad)
+def _edges(length: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Output pixel borders on the input axis: the whole input pixel each starts in, and the fraction past it."""
     edges = np.arange(size + 1, dtype=np.float64) * (length / size)
     low = np.minimum(np.floor(edges).astype(np.int64), length - 1)
-    shape = [1] * values.ndim
-    shape[axis] = size + 1
-    fraction = (edges - low).reshape(shape)
-    below = np.take(integral, low, axis=axis)
-    at_edges = below + fraction * (np.take(integral, low + 1, axis=axis) - below)
-    return np.diff(at_edges, axis=axis) * (size / length)
+    return low, edges - low
+
+
+def _area_rows(values: np.ndarray, size: int, *, along_columns: bool = False) -> np.ndarray:
+    """Area-resample the rows of 2-D ``values`` (n, m) to ``size`` rows, float64 (size, m). With
+    ``along_columns`` the columns of ``values`` (m, n) are resampled instead and the result is still (size, m).
+
+    integral[k] = sum of the first k input rows; the integral up to a fractional position t is the linear
+    interpolation of ``integral`` at t because the signal is constant within a pixel. The running sum is built
+    one row at a time (a contiguous vector add each): the same sequential sums as ``np.cumsum``, at a fraction of
+    its cost along the first axis, and the arithmetic below is done in place on one buffer.
+    """
+    length, width = (values.shape[1], values.shape[0]) if along_columns else values.shape
+    low, fraction = _edges(length, size)
+    integral = np.empty((length + 1, width), dtype=np.float64)
+    integral[0] = 0.0
+    for k in range(length):
+        np.add(integral[k], values[:, k] if along_columns else values[k], out=integral[k + 1])
+    at_edges = integral[low + 1]
+    below = integral[low]
+    at_edges -= below
+    at_edges *= fraction[:, np.newaxis]
+    at_edges += below
+    resized = np.subtract(at_edges[1:], at_edges[:-1])
+    resized *= size / length
+    return resized
+
+
+def _resize_one(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    rows, cols = image.shape
+    # Shrink the axis with the larger reduction first: the second pass then works on fewer pixels. The result is
+    # built transposed where that keeps every running sum on contiguous rows.
+    if height / rows <= width / cols:
+        first = _area_rows(image, height) if rows != height else image.astype(np.float64)
+        return first if cols == width else _area_rows(first, width, along_columns=True).T
+    first = _area_rows(image, width, along_columns=True) if cols != width else image.T.astype(np.float64)
+    return first.T if rows == height else _area_rows(first, height, along_columns=True)
 
 
 def resize_area(images: np.ndarray, height: int, width: int) -> np.ndarray:
     """Resize (k, rows, cols) or (rows, cols) images to (…, height, width) by exact area averaging.
 
     Works for down- and upsampling (upsampling by area is nearest-neighbour with blended borders). The mean
-    intensity and the range of the input are preserved; returns float32.
+    intensity and the range of the input are preserved; returns float32. Memory: a few float64 copies of one
+    image at a time, whatever k is.
     """
-    array = np.asarray(images, dtype=np.float64)
+    array = np.asarray(images)
     if array.ndim not in (2, 3):
         raise ValueError(f"expected (rows, cols) or (k, rows, cols) images, got shape {array.shape}")
     if height < 1 or width < 1:
         raise ValueError(f"target size must be positive, got {height}x{width}")
-    # Shrink the axis with the larger reduction first: the second pass then works on fewer pixels.
-    rows_axis, cols_axis = array.ndim - 2, array.ndim - 1
-    if height / array.shape[rows_axis] <= width / array.shape[cols_axis]:
-        resized = _area_axis(_area_axis(array, int(height), rows_axis), int(width), cols_axis)
-    else:
-        resized = _area_axis(_area_axis(array, int(width), cols_axis), int(height), rows_axis)
-    return resized.astype(np.float32)
+    if array.ndim == 2:
+        return _resize_one(array, int(height), int(width)).astype(np.float32)
+    out = np.empty((array.shape[0], int(height), int(width)), dtype=np.float32)
+    for index, image in enumerate(array):
+        out[index] = _resize_one(image, int(height), int(width))
+    return out

@@ -1,0 +1,232 @@
+"""`make bench-full`: preprocessing and prediction at BCS-DBT size, written to benchmarks/results-full.{json,md}.
+
+Volumes: 64 frames of 2457 x 1996, 12 bits, JPEG 2000 lossless and uncompressed (benchmarks/fullsize_data.py,
+generated once into bench_data/full). Every measurement runs in a fresh process, so its peak RSS is that of one
+preprocess worker (or one `comoto predict`); times compared with each other are taken in turns (interleaved) and
+their medians compared. Not part of `make test`: about 10-15 minutes on 2 cores, most of it JPEG 2000 decoding.
+
+Measured:
+- JPEG 2000 decoders through pydicom: seconds per frame in one process, and frames/s with every core decoding;
+- preprocess (the real worker: decode, flip, window, resize, compress into its work file) against the bare decode
+  of the same frames, for a normal training volume (frame 0 for the flip rule + the kept slices), a lesion
+  training volume and a validation/test volume (every frame); peak RSS of each;
+- cache bytes per validation/test volume at the default 2048 x 1024;
+- `comoto predict` on one volume with the default model (ResNet-50) on CPU: seconds and peak RSS;
+- a projection of the whole BCS-DBT (train 19,148 volumes of which about 200 with boxes; val 1,163 and test
+  1,721 with every frame) to hours on 2 and on 32 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.fullsize_data import FRAMES, VolumeSpec, write_fullsize_dataset
+from benchmarks.run import machine
+
+SPECS = [VolumeSpec(1, "lcc", True, 30), VolumeSpec(2, "rmlo", True, None), VolumeSpec(3, "lcc", False, None)]
+BCS_DBT = {"train_normal": 19148 - 200, "train_lesion": 200, "val_test": 1163 + 1721}
+HEIGHT, WIDTH = 2048, 1024
+
+
+def _volume(root: Path, spec: VolumeSpec) -> Path:
+    return next((root / "Breast-Cancer-Screening-DBT" / f"DBT-P{spec.patient:05d}").rglob("*.dcm"))
+
+
+# ---------------------------------------------------------------------------------------------- child side
+def _child(kind: str, path: str, view: str, frames: list[int] | None, decoder: str, out: str) -> dict:
+    """One measurement in this (fresh) process: bare decode or the preprocess worker on ``frames``."""
+    import pydicom
+    from pydicom.pixels import iter_pixels
+
+    from comoto_cli.data.dicom_io import plugin_for
+    from comoto_cli.preprocess.pipeline import VolumeTask, process_volume
+
+    started = time.perf_counter()
+    if kind == "decode":
+        syntax = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+        plugin = plugin_for(syntax, decoder)
+        wanted = sorted({0, *frames}) if frames is not None else list(range(FRAMES))
+        count = sum(1 for _ in iter_pixels(path, indices=wanted, decoding_plugin=plugin))
+    else:
+        task = VolumeTask(0, "dbt", Path(path), view, Path("bench.csv"), 2, frames, (FRAMES, 2457, 1996), HEIGHT,
+                          WIDTH, Path(out), 4, decoder)
+        result = process_volume(task)
+        if "error" in result:
+            raise SystemExit(str(result["error"]))
+        count = len(frames) if frames is not None else FRAMES
+    return {"seconds": time.perf_counter() - started, "frames": count,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _run_child(*args) -> dict:
+    command = [sys.executable, "-m", "benchmarks.full", "--child", json.dumps(list(args))]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def _throughput(path: Path, decoder: str, workers: int, frames_each: int) -> float:
+    """Frames per second with ``workers`` processes decoding at once (what preprocess workers see)."""
+    command = [sys.executable, "-m", "benchmarks.full", "--child"]
+    started = time.perf_counter()
+    processes = [subprocess.Popen(command + [json.dumps(["decode", str(path), "lcc",
+                                                         list(range(1 + k * frames_each, 1 + (k + 1) * frames_each)),
+                                                         decoder, ""])], stdout=subprocess.DEVNULL)
+                 for k in range(workers)]
+    for process in processes:
+        if process.wait() != 0:
+            raise SystemExit("decoder throughput run failed")
+    return workers * (frames_each + 1) / (time.perf_counter() - started)
+
+
+# ---------------------------------------------------------------------------------------------- measurements
+def bench_decoders(path: Path, rounds: int) -> dict:
+    from pydicom.pixels.decoders import JPEG2000LosslessDecoder
+
+    names = [n for n in ("pylibjpeg", "gdcm", "pillow") if n in JPEG2000LosslessDecoder._available]
+    single: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(rounds):
+        for name in names:  # interleaved
+            result = _run_child("decode", str(path), "lcc", [10, 20, 30], name, "")
+            single[name].append(result["seconds"] / result["frames"])
+    cores = min(os.cpu_count() or 1, 8)
+    busy = {name: _throughput(path, name, cores, 3) for name in names}
+    return {"seconds_per_frame_one_process": {n: statistics.median(v) for n, v in single.items()},
+            "frames_per_second_all_cores": busy, "cores": cores}
+
+
+def bench_preprocess(root: Path, work: Path, rounds: int) -> dict:
+    j2k_lesion, j2k_normal = _volume(root, SPECS[0]), _volume(root, SPECS[1])
+    cases = {
+        "train_normal": (j2k_normal, "rmlo", [17, 44], rounds),  # normal_slices_per_volume = 2
+        "train_lesion": (j2k_lesion, "lcc", [30], rounds),  # lesion centre slice, offset 0
+        "val_test": (j2k_lesion, "lcc", None, 1),  # every frame: about 1.5 minutes a run here
+    }
+    results = {}
+    for name, (path, view, frames, repeats) in cases.items():
+        bare, prep, rss = [], [], []
+        for _ in range(repeats):
+            bare.append(_run_child("decode", str(path), view, frames, "auto", "")["seconds"])
+            result = _run_child("preprocess", str(path), view, frames, "auto", str(work / f"{name}.part.h5"))
+            prep.append(result["seconds"])
+            rss.append(result["peak_rss_mib"])
+        results[name] = {"frames_decoded": FRAMES if frames is None else len({0, *frames}),
+                         "frames_kept": FRAMES if frames is None else len(frames),
+                         "bare_decode_s": statistics.median(bare), "preprocess_s": statistics.median(prep),
+                         "ratio": statistics.median(prep) / statistics.median(bare), "peak_rss_mib": max(rss),
+                         "runs": repeats}
+    results["cache_bytes_per_val_test_volume"] = (work / "val_test.part.h5").stat().st_size
+    raw = _volume(root, SPECS[2])
+    result = _run_child("preprocess", str(raw), "lcc", None, "auto", str(work / "raw.part.h5"))
+    results["uncompressed_val_test"] = {"preprocess_s": result["seconds"], "peak_rss_mib": result["peak_rss_mib"]}
+    all_frames = results["val_test"]["bare_decode_s"]
+    results["train_normal"]["all_frames_decode_over_preprocess"] = all_frames / results["train_normal"]["preprocess_s"]
+    return results
+
+
+def bench_predict(root: Path, work: Path) -> dict:
+    """`comoto predict` with the default model (random weights: the speed and memory do not depend on them)."""
+    import torch
+
+    from comoto_cli.config import ModelConfig
+    from comoto_cli.engine.checkpoint import save_checkpoint
+    from comoto_cli.networks.detector import build_detector
+
+    checkpoint = work / "default.pt"
+    if not checkpoint.is_file():
+        torch.manual_seed(0)
+        model = build_detector(ModelConfig(), (HEIGHT, WIDTH))
+        save_checkpoint(checkpoint, model_state=model.state_dict(), model_config=ModelConfig(),
+                        image_size=(HEIGHT, WIDTH), metadata={"note": "bench-full: untrained default model"})
+    volume = _volume(root, SPECS[2])
+    command = [sys.executable, "-c", "import sys; from comoto_cli.cli import main; main(sys.argv[1:])", "predict",
+               str(volume), "--checkpoint", str(checkpoint), "--out", str(work / "predictions.csv")]
+    started = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True)
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"seconds_per_volume": seconds, "seconds_per_slice": seconds / FRAMES, "peak_rss_mib": peak,
+            "slices": FRAMES, "threads": torch.get_num_threads()}
+
+
+def projection(pre: dict, decoders: dict, cores_list=(2, 32)) -> dict:
+    """Hours for the whole BCS-DBT: per-volume seconds measured in one process, scaled by how much slower a frame
+    decodes when every core decodes (measured), divided over the cores."""
+    single = decoders["seconds_per_frame_one_process"]["pylibjpeg"]
+    contention = (1 / decoders["frames_per_second_all_cores"]["pylibjpeg"]) * decoders["cores"] / single
+    seconds = sum(BCS_DBT[name] * pre[name]["preprocess_s"] for name in BCS_DBT) * max(contention, 1.0)
+    old = sum(BCS_DBT.values()) * pre["val_test"]["preprocess_s"] * max(contention, 1.0)
+    return {"cpu_hours": seconds / 3600, "contention_factor": contention,
+            **{f"hours_on_{c}_cores": seconds / 3600 / c for c in cores_list},
+            "every_frame_of_every_volume_hours_on_32_cores": old / 3600 / 32}
+
+
+def _markdown(results: dict) -> str:
+    m, d, p, q, pr = (results[k] for k in ("machine", "decoders", "preprocess", "predict", "projection"))
+    lines = [
+        f"Full-size benchmark, {m['date']}: {m['cpu']}, {m['cores']} cores, torch {m['torch']}. Volumes: {FRAMES} x "
+        "2457 x 1996, 12 bits, JPEG 2000 lossless; cache 2048 x 1024.",
+        "",
+        "| decoder | s/frame, one process | frames/s, all cores |",
+        "|---|---|---|",
+        *[f"| {n} | {s:.3f} | {d['frames_per_second_all_cores'][n]:.2f} |"
+          for n, s in d["seconds_per_frame_one_process"].items()],
+        "",
+        "| volume | frames decoded / kept | bare decode | preprocess | ratio | peak RSS |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in ("train_normal", "train_lesion", "val_test"):
+        r = p[name]
+        lines.append(f"| {name} | {r['frames_decoded']} / {r['frames_kept']} | {r['bare_decode_s']:.1f} s | "
+                     f"{r['preprocess_s']:.1f} s | {r['ratio']:.2f}x | {r['peak_rss_mib']:.0f} MiB |")
+    lines += [
+        "",
+        f"- A normal training volume costs {p['train_normal']['all_frames_decode_over_preprocess']:.1f}x less than "
+        "decoding all its frames.",
+        f"- Cache bytes per validation/test volume: {p['cache_bytes_per_val_test_volume'] / 2**20:.0f} MiB "
+        f"({FRAMES} slices, float16, gzip + shuffle).",
+        f"- Uncompressed volume, every frame: {p['uncompressed_val_test']['preprocess_s']:.1f} s, peak RSS "
+        f"{p['uncompressed_val_test']['peak_rss_mib']:.0f} MiB.",
+        f"- `comoto predict`, default model on CPU ({q['threads']} threads): {q['seconds_per_volume']:.0f} s per "
+        f"volume ({q['seconds_per_slice']:.2f} s/slice), peak RSS {q['peak_rss_mib']:.0f} MiB.",
+        f"- Whole BCS-DBT projected: {pr['hours_on_2_cores']:.1f} h on 2 cores, {pr['hours_on_32_cores']:.1f} h on 32 "
+        f"cores (decoding every frame of every volume: {pr['every_frame_of_every_volume_hours_on_32_cores']:.1f} h "
+        f"on 32 cores; contention factor {pr['contention_factor']:.2f}).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results-full.json"))
+    parser.add_argument("--data", type=Path, default=Path("bench_data/full"))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        print(json.dumps(_child(*json.loads(args.child))))
+        return
+    started = time.perf_counter()
+    root = write_fullsize_dataset(args.data, SPECS)
+    work = args.data / "work"
+    work.mkdir(exist_ok=True)
+    results = {"machine": machine()}
+    results["decoders"] = bench_decoders(_volume(root, SPECS[0]), args.rounds)
+    results["preprocess"] = bench_preprocess(root, work, args.rounds)
+    results["predict"] = bench_predict(root, work)
+    results["projection"] = projection(results["preprocess"], results["decoders"])
+    results["seconds"] = time.perf_counter() - started
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(_markdown(results))
+    print(_markdown(results))
+
+
+if __name__ == "__main__":
+    main()
