@@ -30,6 +30,7 @@ class VolumeSpec:
     view: str
     compressed: bool
     lesion_slice: int | None  # None: a normal volume
+    frames: int = FRAMES
 
 
 def _frame(seed: int, index: int, lesion: tuple[int, int, int] | None, view: str) -> np.ndarray:
@@ -66,10 +67,11 @@ def _write_volume(path: Path, spec: VolumeSpec, seed: int, pool: ProcessPoolExec
     volume_seed = seed * 1000 + spec.patient * 10 + ("lcc", "lmlo", "rcc", "rmlo").index(spec.view)
     pid = f"DBT-P{spec.patient:05d}"
     if spec.compressed:
-        frames = list(pool.map(_encode, [(volume_seed, i, lesion, spec.view) for i in range(FRAMES)]))
+        frames = list(pool.map(_encode, [(volume_seed, i, lesion, spec.view) for i in range(spec.frames)]))
         stored = np.zeros((1, ROWS, COLS), np.uint16)  # header values only; the pixel data is replaced below
     else:
-        stored = np.stack(list(pool.map(_frame, *zip(*[(volume_seed, i, lesion, spec.view) for i in range(FRAMES)]))))
+        stored = np.stack(list(pool.map(_frame, *zip(*[(volume_seed, i, lesion, spec.view)
+                                                        for i in range(spec.frames)]))))
     temporary = path.with_name(path.name + ".tmp")
     write_dbt_dicom(temporary, stored, seed=seed, patient_id=pid, study_instance_uid=f"1.2.826.0.1.{spec.patient}",
                     series_instance_uid=f"1.2.826.0.2.{spec.patient}.{len(spec.view)}", series_number=1,
@@ -78,7 +80,7 @@ def _write_volume(path: Path, spec: VolumeSpec, seed: int, pool: ProcessPoolExec
         import pydicom
 
         ds = pydicom.dcmread(temporary)
-        ds.NumberOfFrames = FRAMES
+        ds.NumberOfFrames = spec.frames
         ds.PixelData = encapsulate(frames, has_bot=True)
         ds["PixelData"].VR = "OB"
         ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
@@ -106,7 +108,7 @@ def write_fullsize_dataset(root: Path, specs: list[VolumeSpec], seed: int = 0, w
                            int(spec.lesion_slice is not None)])
             if spec.lesion_slice is not None:
                 boxes.append([pid, study, spec.view, spec.patient, spec.lesion_slice, COLS // 3 - 60, ROWS // 2 - 60,
-                              120, 120, "cancer", 0, FRAMES])
+                              120, 120, "cancer", 0, spec.frames])
     tables = {
         "BCS-DBT-file-paths-train-v2.csv": (["PatientID", "StudyUID", "View", "descriptive_path", "classic_path"], paths),
         "BCS-DBT-labels-train-v2.csv": (["PatientID", "StudyUID", "View", "Normal", "Actionable", "Benign", "Cancer"],

@@ -72,12 +72,31 @@ class PreprocessConfig(StrictModel):
     decoder: Literal["auto", "pylibjpeg", "gdcm", "pillow"] = Field(
         "auto", description="JPEG 2000 decoder (auto: pylibjpeg-openjpeg, the most frames per core; others: GDCM)")
     compression_level: int = Field(4, ge=0, le=9, description="gzip level of the cache's image chunks")
-    # Explicit CSV paths; when absent they are found in ROOT by their columns.
-    file_paths_csv: Path | None = None
-    labels_csv: Path | None = None
-    boxes_csv: Path | None = None
+    # Explicit CSV paths; when absent they are found in ROOT by their columns. BCS-DBT's take one path (no split
+    # of its own) or one path per split: {"train": P, "validation": P, "test": P} or ["train=P", ...].
+    file_paths_csv: Path | dict[Literal["train", "val", "test"], Path] | None = Field(
+        None, description="BCS-DBT file-paths CSV (no split of its own), or one per split, a split kept in the cache: "
+        '{"train": P, "validation": P, "test": P} or ["train=P", "validation=P", "test=P"]')
+    labels_csv: Path | dict[Literal["train", "val", "test"], Path] | None = Field(
+        None, description="BCS-DBT labels CSV, or one per split (as file_paths_csv)")
+    boxes_csv: Path | dict[Literal["train", "val", "test"], Path] | None = Field(
+        None, description="BCS-DBT boxes CSV, or one per split (as file_paths_csv)")
     annotations_csv: Path | None = Field(None, description="VinDr-Mammo finding_annotations.csv")
     manifest_csv: Path | None = Field(None, description="generic manifest: path, patient_id, xmin, ymin, xmax, ymax")
+
+    @field_validator("file_paths_csv", "labels_csv", "boxes_csv", mode="before",
+                     json_schema_input_type=str | list[str] | dict[str, str] | None)
+    @classmethod
+    def _csvs_by_split(cls, value: Any) -> Any:
+        """A path, 'SPLIT=PATH', a list of those or {SPLIT: PATH} -> one path or {train|val|test: path}."""
+        if value is None:
+            return None
+        from comoto_cli.preprocess.splits import split_csvs  # imports this module: not at the top
+
+        normal = split_csvs(value)  # strings back: JSON-mode validation takes no Path objects
+        if isinstance(normal, dict):
+            return {split: str(path) for split, path in normal.items()}
+        return None if normal is None else str(normal)
 
 
 # ---------------------------------------------------------------------------------------------- model

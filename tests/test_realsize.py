@@ -92,3 +92,48 @@ def test_resize_one_image_at_a_time_is_bit_identical_to_the_stacked_cumsum(shape
     else:
         reference = _cumsum_reference(_cumsum_reference(stack, size[1], 2), size[0], 1)
     np.testing.assert_array_equal(resize_area(images, *size), reference.astype(np.float32))
+
+
+def test_a_rebuild_decodes_only_the_volumes_whose_inputs_changed(fake, tmp_path):
+    import dataclasses
+    import os
+
+    from comoto_cli.preprocess.summary import cache_content_hash
+
+    records = fake(patients=6)
+    config = PreprocessConfig(image_height=32, image_width=24, workers=1)
+    out = tmp_path / "dbt.h5"
+    first = pipeline.preprocess(fake.root, out, config, progress=False)
+    assert first["computed"] == len(records) and len(fake.decoded) == len(records)
+    cache = SliceCache(out)
+    train_lesion = next(i for i, r in enumerate(records)
+                        if r.boxes and cache.volumes["split"][_row(cache, r)] == "train")
+
+    def rebuild_and_compare(expected_decoded: list[Path]) -> None:
+        fake.decoded.clear()
+        report = pipeline.preprocess(fake.root, out, config, progress=False)
+        assert not report["up_to_date"]
+        assert sorted(fake.decoded) == sorted(expected_decoded)
+        assert report["computed"] == len(expected_decoded)
+        fresh = tmp_path / f"fresh{len(list(tmp_path.glob('fresh*')))}.h5"
+        pipeline.preprocess(fake.root, fresh, config, progress=False)
+        assert cache_content_hash(out) == cache_content_hash(fresh)
+
+    # A DICOM touched (a new mtime): only that volume is decoded again.
+    touched = Path(records[3].path)
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+    rebuild_and_compare([touched])
+    # A box moved within its slice (a CSV edit): the stored slices stay, only the boxes change; nothing is decoded.
+    record = records[train_lesion]
+    record.boxes[0] = dataclasses.replace(record.boxes[0], x=record.boxes[0].x + 2.0)
+    record.boxes[0].csv.write_text(record.boxes[0].csv.read_text() + "moved\n")  # the CSV's content changed
+    rebuild_and_compare([])
+    # A lesion moved to another slice of a training volume: that volume keeps other slices, so it is decoded again.
+    record.boxes[0] = dataclasses.replace(record.boxes[0], slice=record.boxes[0].slice + 1)
+    record.boxes[0].csv.write_text(record.boxes[0].csv.read_text() + "moved again\n")
+    rebuild_and_compare([Path(record.path)])
+
+
+def _row(cache: SliceCache, record) -> int:
+    keys = list(zip(cache.volumes["patient_id"], cache.volumes["study_uid"], cache.volumes["view"]))
+    return keys.index((record.patient_id, record.study_uid, record.view))

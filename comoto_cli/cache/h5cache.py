@@ -10,7 +10,9 @@ Layout (format version 1; the README's "Cache layout" section says the same):
     ``patient_id``, ``study_uid``, ``view``, ``split`` ("train" | "val" | "test"), ``source`` (path relative
     to the data root), ``label`` (str); ``num_slices``, ``original_height``, ``original_width``,
     ``volume_slices`` (DBTex VolumeSlices), ``slice_start``, ``slice_count`` (int); ``flipped`` (bool: the
-    official flip rule rotated this volume); ``scale_y``, ``scale_x`` (float: cache pixels per official pixel).
+    official flip rule rotated this volume); ``scale_y``, ``scale_x`` (float: cache pixels per official pixel);
+    ``work_key`` (str: what the stored slices were made from, so a rebuild can reuse them; absent in caches
+    written before it existed, and left out of content hashes because it holds a file mtime).
 ``/lesions/*``: one row per ground-truth lesion (L rows), in the official frame at full resolution
     ``volume`` (row in /volumes), ``slice`` (central slice; 0 for mammograms), ``x``, ``y``, ``width``,
     ``height`` (float64), ``class`` (str).
@@ -38,6 +40,7 @@ FORMAT_VERSION = 1
 VOLUME_TEXT_FIELDS = ("patient_id", "study_uid", "view", "split", "source", "label")
 VOLUME_INT_FIELDS = ("num_slices", "original_height", "original_width", "volume_slices", "slice_start", "slice_count")
 VOLUME_FLOAT_FIELDS = ("scale_y", "scale_x")
+WORK_KEY = "work_key"  # /volumes/work_key: holds file mtimes, so content hashes leave it out
 LESION_FLOAT_FIELDS = ("x", "y", "width", "height")
 
 _STR = h5py.string_dtype("utf-8")
@@ -63,6 +66,9 @@ class VolumeRecord:
     # Lesions in the official frame at full resolution: rows of (slice, x, y, width, height) and their class.
     lesions: list[tuple[int, float, float, float, float]] = field(default_factory=list)
     lesion_classes: list[str] = field(default_factory=list)
+    # What its stored slices were made from (see preprocess.pipeline: key, DICOM size and mtime, slices, size):
+    # a rebuild reuses the slices of a volume whose key is unchanged instead of decoding it again.
+    work_key: str = ""
 
 
 def create_image_dataset(group: h5py.Group, name: str, count: int, height: int, width: int,
@@ -88,6 +94,26 @@ def copy_chunks(source: h5py.Dataset, target: h5py.Dataset, start: int, rows: sl
     for offset, index in enumerate(range(first, stop)):
         filter_mask, chunk = source.id.read_direct_chunk((index, 0, 0))
         target.id.write_direct_chunk((start + offset, 0, 0), chunk, filter_mask)
+
+
+@dataclass(frozen=True)
+class StoredSlices:
+    """The contiguous slices ``rows`` of a dataset made by :func:`create_image_dataset`: what
+    :meth:`CacheWriter.add_volume` copies as stored chunks (a work file, a shard, the previous cache)."""
+
+    dataset: h5py.Dataset
+    rows: slice = field(default_factory=lambda: slice(None))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(range(*self.rows.indices(self.dataset.shape[0]))), *self.dataset.shape[1:])
+
+    @property
+    def ndim(self) -> int:
+        return self.dataset.ndim
+
+    def __len__(self) -> int:
+        return self.shape[0]
 
 
 class CacheWriter:
@@ -117,11 +143,15 @@ class CacheWriter:
         self._num_lesions = 0
         self._slice_ranges: list[tuple[int, int]] = []
 
-    def add_volume(self, record: VolumeRecord, slice_indices: list[int], images: np.ndarray | h5py.Dataset,
-                   slice_boxes: list[np.ndarray], slice_box_lesions: list[np.ndarray]) -> int:
-        """Add one volume: ``images`` (k, H, W) in [0, 1] for ``slice_indices`` (an array, or a dataset made by
-        :func:`create_image_dataset`, whose chunks are copied as stored); per slice its cache-frame xyxy boxes and,
-        for each box, the index of the lesion in ``record.lesions`` it comes from. Returns its row."""
+    def add_volume(self, record: VolumeRecord, slice_indices: list[int],
+                   images: np.ndarray | h5py.Dataset | StoredSlices, slice_boxes: list[np.ndarray],
+                   slice_box_lesions: list[np.ndarray]) -> int:
+        """Add one volume: ``images`` (k, H, W) in [0, 1] for ``slice_indices`` (an array, or stored slices of a
+        dataset made by :func:`create_image_dataset`, whose chunks are copied as they are); per slice its
+        cache-frame xyxy boxes and, for each box, the index of the lesion in ``record.lesions`` it comes from.
+        Returns its row."""
+        if isinstance(images, h5py.Dataset):
+            images = StoredSlices(images)
         if images.ndim != 3 or images.shape[1:] != (self.height, self.width) or len(images) != len(slice_indices):
             raise ValueError(f"images shape {images.shape} does not match {len(slice_indices)} slices of "
                              f"{self.height}x{self.width}")
@@ -129,8 +159,8 @@ class CacheWriter:
         start = self._images.shape[0]
         record.volume_slices = int(record.volume_slices or record.num_slices)
         self._images.resize(start + len(images), axis=0)
-        if isinstance(images, h5py.Dataset):
-            copy_chunks(images, self._images, start)
+        if isinstance(images, StoredSlices):
+            copy_chunks(images.dataset, self._images, start, images.rows)
         elif len(images):
             self._images[start:start + len(images)] = np.clip(np.asarray(images), 0.0, 1.0).astype(np.float16)
         for index, boxes, lesion_ids in zip(slice_indices, slice_boxes, slice_box_lesions):
@@ -171,6 +201,7 @@ class CacheWriter:
         for name in VOLUME_FLOAT_FIELDS:
             volumes.create_dataset(name, data=np.asarray([getattr(v, name) for v in self._volumes], dtype=np.float64))
         volumes.create_dataset("flipped", data=np.asarray([v.flipped for v in self._volumes], dtype=bool))
+        volumes.create_dataset(WORK_KEY, data=np.array([v.work_key for v in self._volumes], dtype=object), dtype=_STR)
 
         lesions = self.file.create_group("lesions")
         lesion_volume = [row for row, v in enumerate(self._volumes) for _ in v.lesions]
@@ -221,8 +252,9 @@ class SliceCache:
                     raise InputDataError(f"cache format version {version}, this comoto reads {FORMAT_VERSION}; "
                                          "rerun `comoto preprocess`", path=self.path)
                 self.volumes = {name: handle["volumes"][name][()] for name in handle["volumes"]}
-                for name in VOLUME_TEXT_FIELDS:
-                    self.volumes[name] = _decode(self.volumes[name])
+                for name in (*VOLUME_TEXT_FIELDS, WORK_KEY):
+                    if name in self.volumes or name != WORK_KEY:  # caches written before work keys have none
+                        self.volumes[name] = _decode(self.volumes[name])
                 self.lesions = {name: handle["lesions"][name][()] for name in handle["lesions"]}
                 self.lesions["class"] = _decode(self.lesions["class"])
                 self.slice_volume = handle["slices/volume"][()]

@@ -11,7 +11,6 @@ stored (no decoding). The result has no shard attribute or group, so its
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from collections import Counter
@@ -24,11 +23,11 @@ import numpy as np
 
 from comoto_cli.cache.h5cache import (
     FORMAT_VERSION,
+    WORK_KEY,
     CacheWriter,
     SliceCache,
+    StoredSlices,
     VolumeRecord,
-    copy_chunks,
-    create_image_dataset,
 )
 from comoto_cli.errors import ComotoError, InputDataError, UsageError
 
@@ -175,6 +174,7 @@ def _volume(cache: SliceCache, v: int, lesion_start: int):
         lesions=[(int(lesions["slice"][r]), float(lesions["x"][r]), float(lesions["y"][r]),
                   float(lesions["width"][r]), float(lesions["height"][r])) for r in lesion_rows],
         lesion_classes=[str(lesions["class"][r]) for r in lesion_rows],
+        work_key=str(volumes[WORK_KEY][v]) if WORK_KEY in volumes else "",
     )
     rows = cache.volume_slice_rows(v)
     slice_indices, boxes, lesion_ids = [], [], []
@@ -250,13 +250,9 @@ def merge_caches(out: str | Path, shards: Sequence[str | Path], *, progress: boo
                         shard = opened[number]
                         record, indices, rows, boxes, lesion_ids = _volume(shard.cache, v,
                                                                            int(lesion_starts[number][v]))
-                        # add_volume copies a whole dataset's chunks: stage this volume's rows (compressed, in
-                        # memory) as one, so the pixels are never decoded or recompressed.
-                        with h5py.File(io.BytesIO(), "w") as staging:
-                            images = create_image_dataset(staging, "images", len(indices), writer.height,
-                                                          writer.width, first.compression)
-                            copy_chunks(handles[number]["slices/images"], images, 0, rows=rows)
-                            writer.add_volume(record, indices, images, boxes, lesion_ids)
+                        # Copied as stored chunks: the pixels are never decoded or recompressed.
+                        images = StoredSlices(handles[number]["slices/images"], rows)
+                        writer.add_volume(record, indices, images, boxes, lesion_ids)
                         report["volumes"] += 1
                         report["slices"] += len(indices)
                         bar.advance(task)

@@ -65,6 +65,9 @@ def _run(modality: str, root: Path, out: Path, config_file: Path | None, progres
 
 
 _WORKERS_HELP = "Worker processes (0 = as many as the cores and the free memory allow)."
+_CSV_HELP = ("BCS-DBT {what} CSV (default: found in ROOT by its columns). Repeat it with SPLIT=CSV, SPLIT one of "
+             "train, validation, test, to keep the dataset's own split, e.g. --{what}-csv train=F1 "
+             "--{what}-csv validation=F2; a lone plain CSV has no split of its own.")
 _DECODER_HELP = ("JPEG 2000 decoder: auto (pylibjpeg-openjpeg: most frames per core), pylibjpeg, gdcm or pillow. "
                  "Speed only: every decoder gives the same pixels.")
 
@@ -86,9 +89,12 @@ def dbt(
     workers: int | None = typer.Option(None, "--workers", "-j", help=_WORKERS_HELP),
     decoder: str | None = typer.Option(None, "--decoder", help=_DECODER_HELP),
     on_error: str | None = typer.Option(None, "--on-error", help="fail (default) or skip bad inputs."),
-    file_paths_csv: Path | None = typer.Option(None, "--file-paths-csv", help="BCS-DBT file-paths CSV."),
-    labels_csv: Path | None = typer.Option(None, "--labels-csv", help="BCS-DBT labels CSV."),
-    boxes_csv: Path | None = typer.Option(None, "--boxes-csv", help="BCS-DBT boxes CSV."),
+    file_paths_csv: list[str] | None = typer.Option(
+        None, "--file-paths-csv", metavar="[SPLIT=]CSV", help=_CSV_HELP.format(what="file-paths")),
+    labels_csv: list[str] | None = typer.Option(
+        None, "--labels-csv", metavar="[SPLIT=]CSV", help=_CSV_HELP.format(what="labels")),
+    boxes_csv: list[str] | None = typer.Option(
+        None, "--boxes-csv", metavar="[SPLIT=]CSV", help=_CSV_HELP.format(what="boxes")),
     shard: str | None = typer.Option(None, "--shard", metavar="K/N", help=_SHARD_HELP, callback=_check_shard),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
 ) -> None:
@@ -97,7 +103,8 @@ def dbt(
          split__val_fraction=val_fraction, split__test_fraction=test_fraction, split__seed=split_seed,
          lesion_slice_offset=lesion_slice_offset, normal_slices_per_volume=normal_slices, workers=workers,
          decoder=decoder,
-         on_error=on_error, file_paths_csv=file_paths_csv, labels_csv=labels_csv, boxes_csv=boxes_csv)
+         on_error=on_error, file_paths_csv=file_paths_csv or None, labels_csv=labels_csv or None,
+         boxes_csv=boxes_csv or None)
 
 
 @app.command("mammo")

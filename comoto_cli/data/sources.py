@@ -14,11 +14,12 @@ from __future__ import annotations
 import ast
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from comoto_cli.errors import InputDataError
+from comoto_cli.errors import InputDataError, UsageError
+from comoto_cli.preprocess.splits import SPLITS, release_name, split_csvs, split_of_file_name
 from comoto_cli.transforms.geometry import box_problem
 from comoto_cli.utils.csvio import CsvTable, read_csv, read_header
 
@@ -64,9 +65,10 @@ class ImageRecord:  # one DBT volume or one mammogram
     label: str  # DBT: cancer|benign|actionable|normal; mammo: lesion|normal
     boxes: list[LesionBox] = field(default_factory=list)
     volume_slices: int | None = None  # DBT: VolumeSlices of the view's first box row (DBTex rule)
-    split: str | None = None  # the dataset's own split mapped to train|test
+    split: str | None = None  # the dataset's own split mapped to train|val|test (None: it has none)
     csv: Path = Path()
     row: int = 0  # the file-path / image row that produced this record
+    labels_csv: Path | None = None  # DBT: the labels CSV its label came from (an input of the cache too)
 
 
 Skipped = list[dict]
@@ -108,8 +110,8 @@ def safe_join(root: Path, relative: str, *, csv: Path, row: int) -> Path:
     return target
 
 
-def find_csv_by_columns(root: Path, required: Sequence[str], *, flag: str | None = None) -> Path:
-    """The one CSV under ``root`` (recursively) whose header has all ``required`` columns."""
+def _csvs_with_columns(root: Path, required: Sequence[str]) -> list[Path]:
+    """Every CSV under ``root`` (recursively, hidden folders left out) whose header has all ``required`` columns."""
     root = Path(root)
     if not root.is_dir():
         raise InputDataError("data root is not a directory", path=root)
@@ -122,11 +124,19 @@ def find_csv_by_columns(root: Path, required: Sequence[str], *, flag: str | None
                 header = read_header(candidate)
                 if all(column in header for column in required):
                     matches.append(candidate)
+    return matches
+
+
+def _none_found(root: Path, required: Sequence[str], flag: str | None) -> InputDataError:
     hint = f"; pass it with {flag}" if flag else ""
+    return InputDataError(f"no CSV file with the columns {', '.join(required)} found under it{hint}", path=root)
+
+
+def find_csv_by_columns(root: Path, required: Sequence[str], *, flag: str | None = None) -> Path:
+    """The one CSV under ``root`` (recursively) whose header has all ``required`` columns."""
+    matches = _csvs_with_columns(root, required)
     if not matches:
-        raise InputDataError(
-            f"no CSV file with the columns {', '.join(required)} found under it{hint}", path=root
-        )
+        raise _none_found(root, required, flag)
     if len(matches) > 1:
         listed = ", ".join(str(m) for m in matches)
         raise InputDataError(
@@ -137,14 +147,48 @@ def find_csv_by_columns(root: Path, required: Sequence[str], *, flag: str | None
     return matches[0]
 
 
-def _optional_csv(root: Path, required: Sequence[str], flag: str) -> Path | None:
-    """Like :func:`find_csv_by_columns` but None when nothing matches (ambiguity is still an error)."""
+def find_split_csvs(root: Path, required: Sequence[str], *, flag: str) -> Path | dict[str, Path] | None:
+    """The CSVs under ``root`` with the ``required`` columns, the way BCS-DBT ships them: None when there is none;
+    the path when there is one (no split of its own, whatever its name); ``{split: path}`` (in
+    :data:`~comoto_cli.preprocess.splits.SPLITS` order) when there are several and the file names carry
+    different splits, as the release names them (``BCS-DBT-file-paths-validation-v2.csv`` -> ``val``). Several
+    CSVs of which one names no split, or two the same split, are an error listing them."""
+    matches = _csvs_with_columns(root, required)
+    if not matches:
+        return None
+    if len(matches) == 1:
+        return matches[0]
+    columns = ", ".join(required)
+    listed = ", ".join(str(m) for m in matches)
+    plain = [m.name for m in matches if split_of_file_name(m.name) is None]
+    if plain:
+        raise InputDataError(
+            f"several CSV files have the columns {columns}: {listed} ({', '.join(plain)} names no split); choose "
+            f"one with {flag}, or name each after its split (train, validation, test) as the BCS-DBT release does",
+            path=root,
+        )
+    by_split: dict[str, list[Path]] = {}
+    for match in matches:
+        by_split.setdefault(split_of_file_name(match.name), []).append(match)
+    for split, files in by_split.items():
+        if len(files) > 1:
+            raise InputDataError(
+                f"several CSV files with the columns {columns} are for the {release_name(split)} split: "
+                f"{', '.join(str(f) for f in files)}; choose one with {flag} {release_name(split)}=PATH",
+                path=root,
+            )
+    return {split: by_split[split][0] for split in SPLITS if split in by_split}
+
+
+def csv_paths(value: Path | str | Mapping | Sequence | None) -> list[Path]:
+    """Every path of a CSV input (None, one path, ``{split: path}``, or a list of paths / 'SPLIT=PATH')."""
     try:
-        return find_csv_by_columns(root, required, flag=flag)
-    except InputDataError as exc:
-        if "no CSV file" in exc.reason:
-            return None
-        raise
+        normal = split_csvs(value)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if normal is None:
+        return []
+    return list(normal.values()) if isinstance(normal, dict) else [normal]
 
 
 # ------------------------------------------------------------------------------------------ numbers
@@ -236,163 +280,251 @@ def _locate_dbt_file(root: Path, table: CsvTable, index: int) -> tuple[Path, str
     raise _BadRow(f"DICOM file not found: {' or '.join(tried)}")
 
 
+CsvInput = Path | str | Mapping[str, Path | str] | Sequence[Path | str] | None
+
+
+def _csv_input(value: CsvInput, flag: str) -> Path | dict[str, Path] | None:
+    try:
+        return split_csvs(value)
+    except ValueError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
+
+
+def _by_name(found: Path | dict[str, Path]) -> Path | dict[str, Path]:
+    """A lone CSV found in ROOT stands for the split its name carries (``...-labels-train-v2.csv``: train only)."""
+    if isinstance(found, dict):
+        return found
+    split = split_of_file_name(found.name)
+    return found if split is None else {split: found}
+
+
+def _listed(files: Sequence[Path]) -> str:
+    return ", ".join(str(f) for f in files)
+
+
 def discover_bcs_dbt(
     root: Path,
     *,
-    file_paths_csv: Path | None = None,
-    labels_csv: Path | None = None,
-    boxes_csv: Path | None = None,
+    file_paths_csv: CsvInput = None,
+    labels_csv: CsvInput = None,
+    boxes_csv: CsvInput = None,
     skipped: Skipped | None = None,
 ) -> list[ImageRecord]:
     """BCS-DBT volumes with labels and boxes, in file-paths CSV order.
 
-    CSVs not given are found under ``root`` by their columns. The labels CSV is required (a volume without a
-    labels row is a bad row; extra labels rows are ignored). The boxes CSV may be absent (e.g. a test release)
-    only when no volume is labelled cancer or benign. ``volume_slices`` is the VolumeSlices of the view's first
-    box row, as the DBTex scorer uses it.
+    Each CSV argument is one path, or one path per split (``{"train": P, "val": P, "test": P}``, or a list of
+    ``SPLIT=PATH``; see :func:`comoto_cli.preprocess.splits.split_csvs`). CSVs not given are found under ``root``
+    by their columns (:func:`find_split_csvs`): the release's ``BCS-DBT-file-paths-train-v2.csv``,
+    ``...-validation-v2.csv``, ``...-test-v2.csv`` are read together. A volume from a file-paths CSV of a split
+    gets that split (``record.split``; None from a lone CSV); one listed under two splits is a bad row naming
+    both files. Labels and boxes are matched to volumes by (PatientID, StudyUID, View) across all their CSVs;
+    those of a split without a file-paths CSV are not read.
+
+    The labels CSV is required (a volume without a labels row is a bad row; extra labels rows are ignored); with
+    file-paths CSVs per split, every split needs a labels CSV of its own or one plain labels CSV for all. A split
+    may have no boxes CSV (e.g. a test release) only when none of its volumes is labelled cancer or benign.
+    ``volume_slices`` is the VolumeSlices of the view's first box row, as the DBTex scorer uses it.
     """
     root = Path(root)
-    if file_paths_csv is None:
-        try:
-            file_paths_csv = find_csv_by_columns(
-                root, [*DBT_KEYS, "descriptive_path"], flag="--file-paths-csv"
-            )
-        except InputDataError as exc:
-            if "no CSV file" not in exc.reason:
-                raise
-            file_paths_csv = find_csv_by_columns(root, [*DBT_KEYS, "classic_path"], flag="--file-paths-csv")
-    if labels_csv is None:
-        labels_csv = find_csv_by_columns(root, [*DBT_KEYS, *DBT_LABELS], flag="--labels-csv")
-    if boxes_csv is None:
-        boxes_csv = _optional_csv(root, [*DBT_KEYS, *DBT_BOX_COLUMNS], "--boxes-csv")
+    path_csvs = _csv_input(file_paths_csv, "--file-paths-csv")
+    if path_csvs is None:
+        path_csvs = find_split_csvs(root, [*DBT_KEYS, "descriptive_path"], flag="--file-paths-csv")
+    if path_csvs is None:
+        path_csvs = find_split_csvs(root, [*DBT_KEYS, "classic_path"], flag="--file-paths-csv")
+        if path_csvs is None:
+            raise _none_found(root, [*DBT_KEYS, "classic_path"], "--file-paths-csv")
+    by_split = isinstance(path_csvs, dict)
+    path_files: list[tuple[str | None, Path]] = list(path_csvs.items()) if by_split else [(None, path_csvs)]
+    splits_given = [split for split, _ in path_files]
+
+    def used(value: Path | dict[str, Path] | None, found: bool) -> list[tuple[str | None, Path]]:
+        """The labels / boxes CSVs to read: with file paths per split, those of the same splits (a lone CSV found
+        in ROOT counts for the split its name carries), else all."""
+        if value is None:
+            return []
+        if by_split and found:
+            value = _by_name(value)
+        if not isinstance(value, dict):
+            return [(None, value)]
+        return [(split, path) for split, path in value.items() if not by_split or split in splits_given]
+
+    labels_given = _csv_input(labels_csv, "--labels-csv")
+    label_cols = [*DBT_KEYS, *DBT_LABELS]
+    label_csvs = labels_given or find_split_csvs(root, label_cols, flag="--labels-csv")
+    if label_csvs is None:
+        raise _none_found(root, label_cols, "--labels-csv")
+    label_files = used(label_csvs, labels_given is None)
+    if by_split and all(split is not None for split, _ in label_files):
+        have = {split for split, _ in label_files}
+        for split, path_csv in path_files:
+            if split not in have:
+                found = label_csvs.values() if isinstance(label_csvs, dict) else [label_csvs]
+                raise InputDataError(
+                    f"no labels CSV for the {release_name(split)} split (labels CSVs: {_listed(list(found))}); "
+                    f"pass it with --labels-csv {release_name(split)}=PATH, or choose the file-paths CSVs with "
+                    f"--file-paths-csv SPLIT=PATH",
+                    path=path_csv,
+                )
+    boxes_given = _csv_input(boxes_csv, "--boxes-csv")
+    box_cols = [*DBT_KEYS, *DBT_BOX_COLUMNS]
+    box_csvs = boxes_given or find_split_csvs(root, box_cols, flag="--boxes-csv")
+    box_files = used(box_csvs, boxes_given is None)
 
     # -- file paths
-    paths = read_csv(file_paths_csv, DBT_KEYS, optional=("descriptive_path", "classic_path"))
-    if "descriptive_path" not in paths.columns and "classic_path" not in paths.columns:
-        raise InputDataError(
-            "missing column 'descriptive_path' (or 'classic_path')", path=file_paths_csv, row=1
-        )
     records: dict[tuple[str, str, str], ImageRecord] = {}
-    first_row: dict[tuple[str, str, str], int] = {}
-    for index, row in enumerate(paths.rows):
-        try:
-            key = _dbt_key(paths, index)
-            if key in first_row:
-                raise _BadRow(f"duplicate volume {'/'.join(key)} (also in row {first_row[key]})")
-            first_row[key] = row
-            path, source = _locate_dbt_file(root, paths, index)
-        except (_BadRow, InputDataError) as exc:
-            error = exc if isinstance(exc, InputDataError) else _row_error(str(exc), paths.path, row)
-            _report(skipped, error, paths.path, row)
-            continue
-        records[key] = ImageRecord(
-            patient_id=key[0],
-            study_uid=key[1],
-            view=key[2],
-            path=path,
-            source=source,
-            label="",
-            boxes=[],
-            volume_slices=None,
-            split=None,
-            csv=Path(file_paths_csv),
-            row=row,
-        )
-    # Keys that appeared in the file-paths CSV (even on a rejected row): their labels/boxes are not "foreign".
-    listed = set(first_row)
+    first_seen: dict[tuple[str, str, str], tuple[Path, int, str | None]] = {}
+    for split, path_csv in path_files:
+        paths = read_csv(path_csv, DBT_KEYS, optional=("descriptive_path", "classic_path"))
+        if "descriptive_path" not in paths.columns and "classic_path" not in paths.columns:
+            raise InputDataError("missing column 'descriptive_path' (or 'classic_path')", path=path_csv, row=1)
+        for index, row in enumerate(paths.rows):
+            key = None
+            try:
+                key = _dbt_key(paths, index)
+                if key in first_seen:
+                    other_csv, other_row, other_split = first_seen[key]
+                    if other_csv == paths.path:
+                        raise _BadRow(f"duplicate volume {'/'.join(key)} (also in row {other_row})")
+                    records.pop(key, None)  # which split is right is not known: the volume goes
+                    raise _BadRow(
+                        f"volume {'/'.join(key)} is in the {release_name(split)} split here and in the "
+                        f"{release_name(other_split)} split in {other_csv}, row {other_row}"
+                    )
+                first_seen[key] = (paths.path, row, split)
+                path, source = _locate_dbt_file(root, paths, index)
+            except (_BadRow, InputDataError) as exc:
+                error = exc if isinstance(exc, InputDataError) else _row_error(str(exc), paths.path, row)
+                _report(skipped, error, paths.path, row)
+                continue
+            records[key] = ImageRecord(
+                patient_id=key[0],
+                study_uid=key[1],
+                view=key[2],
+                path=path,
+                source=source,
+                label="",
+                boxes=[],
+                volume_slices=None,
+                split=split,
+                csv=Path(path_csv),
+                row=row,
+            )
+    # Keys that appeared in a file-paths CSV (even on a rejected row): their labels/boxes are not "foreign".
+    listed = set(first_seen)
 
     # -- labels
-    labels = read_csv(labels_csv, [*DBT_KEYS, *DBT_LABELS])
-    label_row: dict[tuple[str, str, str], int] = {}
-    for index, row in enumerate(labels.rows):
-        try:
-            key = _dbt_key(labels, index)
-        except _BadRow:
-            continue  # cannot belong to a listed volume; extra label rows are ignored
-        if key not in listed:
-            continue
-        try:
-            if key in label_row:
-                raise _BadRow(f"duplicate labels for volume {'/'.join(key)} (also in row {label_row[key]})")
-            label_row[key] = row
-            label = ""
-            for name in DBT_LABELS:
-                value = _number(labels, name, index)
-                if value not in (0.0, 1.0):
-                    raise _BadRow(f"column {name!r} must be 0 or 1, not {labels.columns[name][index]!r}")
-                if value == 1.0 and not label:
-                    label = name.lower()
-            if not label:
-                raise _BadRow("none of Normal, Actionable, Benign, Cancer is 1")
-        except _BadRow as exc:
+    label_row: dict[tuple[str, str, str], tuple[Path, int]] = {}
+    for _split, label_csv in label_files:
+        labels = read_csv(label_csv, label_cols)
+        for index, row in enumerate(labels.rows):
+            try:
+                key = _dbt_key(labels, index)
+            except _BadRow:
+                continue  # cannot belong to a listed volume; extra label rows are ignored
+            if key not in listed:
+                continue
+            try:
+                if key in label_row:
+                    other_csv, other_row = label_row[key]
+                    where = f"row {other_row}" if other_csv == labels.path else f"{other_csv}, row {other_row}"
+                    raise _BadRow(f"duplicate labels for volume {'/'.join(key)} (also in {where})")
+                label_row[key] = (labels.path, row)
+                label = ""
+                for name in DBT_LABELS:
+                    value = _number(labels, name, index)
+                    if value not in (0.0, 1.0):
+                        raise _BadRow(f"column {name!r} must be 0 or 1, not {labels.columns[name][index]!r}")
+                    if value == 1.0 and not label:
+                        label = name.lower()
+                if not label:
+                    raise _BadRow("none of Normal, Actionable, Benign, Cancer is 1")
+            except _BadRow as exc:
+                if key in records:
+                    _report(skipped, _row_error(str(exc), labels.path, row), labels.path, row)
+                    del records[key]
+                continue
             if key in records:
-                _report(skipped, _row_error(str(exc), labels.path, row), labels.path, row)
-                del records[key]
-            continue
-        if key in records:
-            records[key].label = label
+                records[key].label = label
+                records[key].labels_csv = Path(label_csv)
     for key in list(records):
         if key not in label_row:
             record = records.pop(key)
+            which = "the labels CSV" if len(label_files) == 1 else "any of the labels CSVs"
             error = _row_error(
-                f"volume {'/'.join(key)} has no row in the labels CSV {labels_csv}", record.csv, record.row
+                f"volume {'/'.join(key)} has no row in {which} {_listed([f for _, f in label_files])}",
+                record.csv,
+                record.row,
             )
             _report(skipped, error, record.csv, record.row)
 
     # -- boxes
-    if boxes_csv is None:
-        lesion_volumes = [k for k, r in records.items() if r.label in ("cancer", "benign")]
-        if lesion_volumes:
+    box_splits = {split for split, _ in box_files}
+    uncovered = [r for r in records.values()
+                 if not box_files or (by_split and None not in box_splits and r.split not in box_splits)]
+    lesion_volumes = [r for r in uncovered if r.label in ("cancer", "benign")]
+    if lesion_volumes:
+        if not box_files:
             raise InputDataError(
                 f"{len(lesion_volumes)} volume(s) are labelled cancer/benign but no boxes CSV with the columns "
-                f"{', '.join((*DBT_KEYS, *DBT_BOX_COLUMNS))} was found under it; pass it with --boxes-csv",
+                f"{', '.join(box_cols)} was found under it; pass it with --boxes-csv",
                 path=root,
             )
-        return list(records.values())
-    boxes = read_csv(boxes_csv, [*DBT_KEYS, *DBT_BOX_COLUMNS], optional=("Class",))
-    for index, row in enumerate(boxes.rows):
-        key = None
-        try:
-            key = _dbt_key(boxes, index)
-            if key not in listed:
-                raise _BadRow(
-                    f"box for volume {'/'.join(key)}, which is not in the file-paths CSV {file_paths_csv}"
-                )
-            if key not in records:
-                continue  # the volume was already left out (and reported)
-            slice_index = _number(boxes, "Slice", index, integer=True)
-            volume_slices = _number(boxes, "VolumeSlices", index, integer=True)
-            x, y = _number(boxes, "X", index), _number(boxes, "Y", index)
-            width, height = _number(boxes, "Width", index), _number(boxes, "Height", index)
-            if volume_slices <= 0:
-                raise _BadRow(f"VolumeSlices {volume_slices} must be positive")
-            if not 0 <= slice_index < volume_slices:
-                raise _BadRow(f"Slice {slice_index} is outside [0, VolumeSlices={volume_slices})")
-            if x < 0 or y < 0:
-                raise _BadRow(f"box has a negative coordinate (X {x:g}, Y {y:g})")
-            if width <= 0 or height <= 0:
-                raise _BadRow(f"box has zero or negative size (Width {width:g}, Height {height:g})")
-        except _BadRow as exc:
-            _report(skipped, _row_error(str(exc), boxes.path, row), boxes.path, row)
-            if key is not None:
-                records.pop(key, None)
-            continue
-        record = records[key]
-        cls = boxes.columns["Class"][index].strip() if "Class" in boxes.columns else ""
-        record.boxes.append(
-            LesionBox(
-                slice=slice_index,
-                x=x,
-                y=y,
-                width=width,
-                height=height,
-                cls=cls or "lesion",
-                csv=Path(boxes_csv),
-                row=row,
-            )
+        split = lesion_volumes[0].split
+        count = sum(r.split == split for r in lesion_volumes)
+        raise InputDataError(
+            f"{count} volume(s) of the {release_name(split)} split are labelled cancer/benign but there is no "
+            f"boxes CSV for that split (boxes CSVs: {_listed([f for _, f in box_files])}); pass it with "
+            f"--boxes-csv {release_name(split)}=PATH",
+            path=lesion_volumes[0].csv,
         )
-        if record.volume_slices is None:
-            record.volume_slices = volume_slices
+    path_names = _listed([f for _, f in path_files])
+    box_source: dict[tuple[str, str, str], Path] = {}
+    for _split, box_csv in box_files:
+        boxes = read_csv(box_csv, box_cols, optional=("Class",))
+        for index, row in enumerate(boxes.rows):
+            key = None
+            try:
+                key = _dbt_key(boxes, index)
+                if key not in listed:
+                    which = "the file-paths CSV" if len(path_files) == 1 else "any of the file-paths CSVs"
+                    raise _BadRow(f"box for volume {'/'.join(key)}, which is not in {which} {path_names}")
+                if key not in records:
+                    continue  # the volume was already left out (and reported)
+                if box_source.setdefault(key, boxes.path) != boxes.path:
+                    raise _BadRow(f"boxes for volume {'/'.join(key)} are in {box_source[key]} too")
+                slice_index = _number(boxes, "Slice", index, integer=True)
+                volume_slices = _number(boxes, "VolumeSlices", index, integer=True)
+                x, y = _number(boxes, "X", index), _number(boxes, "Y", index)
+                width, height = _number(boxes, "Width", index), _number(boxes, "Height", index)
+                if volume_slices <= 0:
+                    raise _BadRow(f"VolumeSlices {volume_slices} must be positive")
+                if not 0 <= slice_index < volume_slices:
+                    raise _BadRow(f"Slice {slice_index} is outside [0, VolumeSlices={volume_slices})")
+                if x < 0 or y < 0:
+                    raise _BadRow(f"box has a negative coordinate (X {x:g}, Y {y:g})")
+                if width <= 0 or height <= 0:
+                    raise _BadRow(f"box has zero or negative size (Width {width:g}, Height {height:g})")
+            except _BadRow as exc:
+                _report(skipped, _row_error(str(exc), boxes.path, row), boxes.path, row)
+                if key is not None:
+                    records.pop(key, None)
+                continue
+            record = records[key]
+            cls = boxes.columns["Class"][index].strip() if "Class" in boxes.columns else ""
+            record.boxes.append(
+                LesionBox(
+                    slice=slice_index,
+                    x=x,
+                    y=y,
+                    width=width,
+                    height=height,
+                    cls=cls or "lesion",
+                    csv=Path(box_csv),
+                    row=row,
+                )
+            )
+            if record.volume_slices is None:
+                record.volume_slices = volume_slices
     return list(records.values())
 
 

@@ -43,7 +43,7 @@ import h5py
 import numpy as np
 
 from comoto_cli.cache import h5cache
-from comoto_cli.cache.h5cache import FORMAT_VERSION, CacheWriter, VolumeRecord
+from comoto_cli.cache.h5cache import FORMAT_VERSION, WORK_KEY, CacheWriter, StoredSlices, VolumeRecord
 from comoto_cli.config import PreprocessConfig, config_json
 from comoto_cli.errors import ComotoError, InputDataError
 from comoto_cli.preprocess.resize import resize_area
@@ -474,11 +474,13 @@ def preprocess(root: Path, out: Path, config: PreprocessConfig, *, shard: tuple[
     if not kept:
         raise InputDataError(f"no usable {'DBT volumes' if modality == 'dbt' else 'mammograms'} found", path=root)
 
-    csv_files = {Path(p) for p in (config.file_paths_csv, config.labels_csv, config.boxes_csv,
-                                   config.annotations_csv, config.manifest_csv) if p is not None}
+    csv_files = {path for value in (config.file_paths_csv, config.labels_csv, config.boxes_csv,
+                                    config.annotations_csv, config.manifest_csv) for path in sources.csv_paths(value)}
     images: set[Path] = set()
     for record, _ in kept:
         csv_files.add(Path(record.csv))
+        if record.labels_csv is not None:
+            csv_files.add(Path(record.labels_csv))
         csv_files.update(Path(box.csv) for box in record.boxes)
         images.add(_resolve(root, record.path))
     for entry in skipped or []:
@@ -543,7 +545,9 @@ def preprocess(root: Path, out: Path, config: PreprocessConfig, *, shard: tuple[
                 writer = (CacheWriter(temporary, **settings) if shard is None
                           else _ShardWriter(temporary, plan=plan, positions=positions, **settings))
                 try:
-                    worker_skipped = _run_and_write(plan, writer, config, report, progress, console, skipped)
+                    with _previous_slices(out, digest, root) as previous:
+                        worker_skipped = _run_and_write(plan, writer, config, report, progress, console, skipped,
+                                                        previous)
                     all_skipped = sorted((skipped or []) + worker_skipped, key=_skip_key)
                     if report["volumes"] == 0 and shard is None:  # a shard may hold nothing: merge joins it
                         raise InputDataError("every input was skipped; nothing to cache", path=root)
@@ -634,14 +638,55 @@ def _skip_key(entry: dict) -> tuple:
     return (str(entry.get("path")), entry.get("row") or 0, str(entry.get("reason")))
 
 
+@contextlib.contextmanager
+def _previous_slices(out: Path, digest: str, root: Path) -> Iterator[dict[str, dict]]:
+    """The volumes of the cache OUT already holds, by work key, when it was made with the same config from the same
+    data root: a rebuild after some inputs changed copies their slices instead of decoding them again."""
+    try:
+        handle = h5py.File(out, "r") if out.is_file() else None
+    except (OSError, ValueError):
+        handle = None
+    try:
+        found: dict[str, dict] = {}
+        if handle is not None and _same_settings(handle, digest, root) and WORK_KEY in handle["volumes"]:
+            volumes, slice_index = handle["volumes"], handle["slices/slice_index"][()]
+            starts, counts = volumes["slice_start"][()], volumes["slice_count"][()]
+            for row, key in enumerate(volumes[WORK_KEY].asstr()[()]):
+                start, count = int(starts[row]), int(counts[row])
+                found[key] = {"images": StoredSlices(handle["slices/images"], slice(start, start + count)),
+                              "slice_indices": slice_index[start:start + count],
+                              "flipped": bool(volumes["flipped"][row])}
+        yield found
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+def _same_settings(handle: h5py.File, digest: str, root: Path) -> bool:
+    attrs = handle.attrs
+    try:
+        return (int(attrs.get("format_version", -1)) == FORMAT_VERSION and str(attrs.get("config_hash", "")) == digest
+                and str(attrs.get("source_root", "")) == str(root.resolve()))
+    except (TypeError, ValueError):
+        return False
+
+
+def work_key(task: VolumeTask) -> str:
+    """What a volume's stored slices depend on (its part name: key, DICOM size and mtime, slices, sizes)."""
+    return task.part.name.removesuffix(PART_SUFFIX)
+
+
 def _run_and_write(plan: list[_Planned], writer: CacheWriter, config: PreprocessConfig, report: dict,
-                   progress: bool, console, skipped: list[dict] | None) -> list[dict]:
-    """Decode what is not in the parts folder yet (in workers), then write every volume in plan order."""
+                   progress: bool, console, skipped: list[dict] | None, previous: dict[str, dict]) -> list[dict]:
+    """Decode what is neither in the parts folder nor in the previous cache (in workers), then write every volume
+    in plan order."""
     results: dict[int, dict] = {}
     pending: list[VolumeTask] = []
     for planned in plan:
         if planned.task.part.is_file():
             results[planned.task.index] = {"part": str(planned.task.part)}
+        elif work_key(planned.task) in previous:
+            results[planned.task.index] = {"previous": work_key(planned.task)}
         else:
             pending.append(planned.task)
     report["reused"] = len(plan) - len(pending)
@@ -656,6 +701,9 @@ def _run_and_write(plan: list[_Planned], writer: CacheWriter, config: Preprocess
             planned = plan[next_to_write]
             outcome = results.pop(next_to_write)
             next_to_write += 1
+            if "previous" in outcome:
+                _write_volume(planned, previous[outcome["previous"]], writer, config, report)
+                continue
             data = _load_part(Path(outcome["part"])) if "part" in outcome else None
             if "part" in outcome and data is None:  # torn by a crash or a disk error: redo it here
                 outcome = process_volume(planned.task)
@@ -713,7 +761,7 @@ def _write_volume(planned: _Planned, data: dict, writer: CacheWriter, config: Pr
         num_slices=int(num_slices), original_height=int(rows), original_width=int(cols),
         scale_y=float(scale_y), scale_x=float(scale_x), flipped=bool(data["flipped"]),
         volume_slices=int(record.volume_slices or num_slices), label=str(record.label or ""),
-        lesions=list(planned.lesions), lesion_classes=list(planned.classes),
+        lesions=list(planned.lesions), lesion_classes=list(planned.classes), work_key=work_key(planned.task),
     )
     writer.add_volume(volume, stored, data["images"], boxes, lesion_ids)
     report["volumes"] += 1

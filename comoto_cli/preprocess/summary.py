@@ -18,6 +18,8 @@ from comoto_cli.errors import InputDataError
 # mtimes (touching an input changes it, not the content). The cache holds no timestamps; the other names are
 # listed so that a future one is excluded deliberately.
 TIME_DEPENDENT_ATTRS: frozenset[str] = frozenset({"input_fingerprint", "created", "created_at", "elapsed_seconds"})
+# Datasets left out for the same reason: each volume's work key holds its DICOM's mtime.
+TIME_DEPENDENT_DATASETS: frozenset[str] = frozenset({"volumes/work_key"})
 
 
 # Preprocess settings that change only the speed: the stored config keeps them (provenance), the hash does not.
@@ -67,6 +69,8 @@ def cache_content_hash(path: str | Path) -> str:
             names: list[str] = []
             handle.visit(names.append)
             for name in sorted(names):
+                if name in TIME_DEPENDENT_DATASETS:
+                    continue
                 item = handle[name]
                 update_attrs(name, item.attrs)
                 if not isinstance(item, h5py.Dataset):
