@@ -51,7 +51,7 @@ def test_auto_workers_fit_cores_and_free_memory(monkeypatch):
     tasks = [pipeline.VolumeTask(i, "dbt", Path("v.dcm"), "lcc", Path("p.csv"), 2, None, (64, *frame), 2048, 1024,
                                  Path("x")) for i in range(40)]
     per_worker = pipeline.worker_memory_bytes(frame[0] * frame[1])
-    assert 300 * 2**20 < per_worker < 1.5 * 2**30  # the README's bound at BCS-DBT size
+    assert 350 * 2**20 < per_worker < 1.5 * 2**30  # the README's bound at BCS-DBT size, above the measured peak
     monkeypatch.setattr(pipeline, "usable_cores", lambda: 32)
     monkeypatch.setattr(pipeline, "available_memory_bytes", lambda: 10 * per_worker)
     assert pipeline._worker_count(PreprocessConfig(workers=0), tasks) == 8  # 80 % of the memory: memory-bound

@@ -327,10 +327,10 @@ def _cache_is_current(out: Path, config_digest: str, fingerprint: str) -> bool:
         return False
 
 
-# Peak resident memory of one worker: interpreter, numpy, pydicom and h5py, then per source pixel of the largest
-# frame the raw frame, its float32 window, the float64 running sums of the resize and compression buffers.
-# Measured at BCS-DBT size (2457 x 1996): 330 MB; a 4664 x 3064 mammogram: 410 MB; these constants stay above.
-WORKER_BASE_BYTES = 128 * 2**20
+# Peak resident memory of one worker: interpreter, numpy, pydicom, h5py and numba, then per source pixel of the
+# largest frame the raw frame, its float32 window, the float64 passes of the resize and compression buffers.
+# Measured (make bench-full) at BCS-DBT size (2457 x 1996): 290-350 MiB; these constants stay above that.
+WORKER_BASE_BYTES = 192 * 2**20
 WORKER_BYTES_PER_PIXEL = 48
 
 
