@@ -53,7 +53,6 @@ def _child(kind: str, path: str, view: str, frames: list[int] | None, decoder: s
 
     from comoto_cli.data.dicom_io import plugin_for
     from comoto_cli.preprocess.pipeline import VolumeTask, process_volume
-
     from comoto_cli.preprocess.resize import resize_area
 
     # A preprocess worker lives for many volumes: its one-time costs (imports, loading the compiled resize
