@@ -124,7 +124,7 @@ def bench_preprocess(root: Path, work: Path, rounds: int) -> dict:
     cases = {
         "train_normal": (j2k_normal, "rmlo", [17, 44], rounds),  # normal_slices_per_volume = 2
         "train_lesion": (j2k_lesion, "lcc", [30], rounds),  # lesion centre slice, offset 0
-        "val_test": (j2k_lesion, "lcc", None, 1),  # every frame: about 1.5 minutes a run here
+        "val_test": (j2k_lesion, "lcc", None, 2),  # every frame: about 1.5 minutes a run here
     }
     results = {}
     for name, (path, view, frames, repeats) in cases.items():
@@ -180,6 +180,55 @@ def bench_predict(root: Path, work: Path) -> dict:
             "threads": torch.get_num_threads()}
 
 
+# A ResNet-50 RetinaNet training step at 2048 x 1024, batch 8, took 0.25-0.40 s on an H100 / H200 in the project's
+# GPU checks; the faster one is what the loader must keep up with.
+GPU_STEP_SECONDS, GPU_STEP_BATCH = 0.25, 8
+
+
+def bench_loader(work: Path, rounds: int) -> dict:
+    """Training loader (cache read, gzip, augmentation, collation) at 2048 x 1024, batch 8, with no worker and
+    with one worker per core, against what a GPU step consumes."""
+    import h5py
+
+    from comoto_cli.cache.h5cache import CacheWriter, StoredSlices, VolumeRecord
+    from comoto_cli.config import AugmentConfig
+    from comoto_cli.engine.datasets import DetectionDataset, make_loader, make_sampler
+    from comoto_cli.utils.system import usable_cores
+
+    cache = work / "loader.h5"
+    if not cache.is_file():
+        with h5py.File(work / "val_test.part.h5", "r") as part:
+            writer = CacheWriter(cache, modality="dbt", image_height=HEIGHT, image_width=WIDTH, config_json="{}",
+                                 config_hash="bench")
+            for volume in range(3):
+                record = VolumeRecord(patient_id=f"P{volume}", study_uid="S", view="lcc", split="train", source="-",
+                                      num_slices=FRAMES, original_height=2457, original_width=1996,
+                                      scale_y=HEIGHT / 2457, scale_x=WIDTH / 1996,
+                                      lesions=[(30, 600.0, 1100.0, 120.0, 120.0)], lesion_classes=["cancer"])
+                boxes = [np.array([[500, 900, 600, 1000]], np.float32)] * FRAMES
+                writer.add_volume(record, list(range(FRAMES)), StoredSlices(part["images"]), boxes,
+                                  [np.array([0])] * FRAMES)
+            writer.close()
+    dataset = DetectionDataset(cache, "train", augment=AugmentConfig(), seed=0)
+    cores = usable_cores()
+    rates: dict[int, list[float]] = {0: [], cores: []}
+    for _ in range(rounds):
+        for workers in rates:  # interleaved
+            loader = make_loader(dataset, batch_size=8, sampler=make_sampler(dataset, seed=0), num_workers=workers)
+            batches = iter(loader)
+            next(batches)  # worker start-up and first reads are not the steady state
+            started, count = time.perf_counter(), 0
+            for batch in batches:
+                count += len(batch["rows"])
+            rates[workers].append(count / (time.perf_counter() - started))
+    gpu_needs = GPU_STEP_BATCH / GPU_STEP_SECONDS
+    best = statistics.median(rates[cores])
+    return {"slices_per_s_main_process": statistics.median(rates[0]), "workers": cores,
+            "slices_per_s_workers": best, "slices_per_s_per_worker": best / cores,
+            "gpu_step_consumes_slices_per_s": gpu_needs, "over_gpu_step": best / gpu_needs,
+            "over_gpu_step_lskd": best / (2 * gpu_needs)}
+
+
 def projection(pre: dict, decoders: dict, cores_list=(2, 32)) -> dict:
     """Hours for the whole BCS-DBT: per-volume seconds measured in one process, scaled by how much slower a frame
     decodes when every core decodes (measured), divided over the cores."""
@@ -193,7 +242,8 @@ def projection(pre: dict, decoders: dict, cores_list=(2, 32)) -> dict:
 
 
 def _markdown(results: dict) -> str:
-    m, d, p, q, pr = (results[k] for k in ("machine", "decoders", "preprocess", "predict", "projection"))
+    m, d, p, q, pr, ld = (results[k] for k in ("machine", "decoders", "preprocess", "predict", "projection",
+                                               "loader"))
     lines = [
         f"Full-size benchmark, {m['date']}: {m['cpu']}, {m['cores']} cores, torch {m['torch']}. Volumes: {FRAMES} x "
         "2457 x 1996, 12 bits, JPEG 2000 lossless; cache 2048 x 1024.",
@@ -222,6 +272,11 @@ def _markdown(results: dict) -> str:
         f"{q['seconds_per_slice']:.1f} s/slice ({q['slices_measured']} slices measured; "
         f"{q['seconds_per_64_slice_volume'] / 60:.0f} min for a {FRAMES}-slice volume), peak RSS "
         f"{q['peak_rss_mib']:.0f} MiB (independent of the slice count: frames stream).",
+        f"- Training loader at 2048 x 1024, batch 8 with augmentation: {ld['slices_per_s_main_process']:.0f} slices/s "
+        f"in the main process, {ld['slices_per_s_workers']:.0f} with {ld['workers']} workers "
+        f"({ld['slices_per_s_per_worker']:.0f} per worker); a GPU step (batch 8 in {GPU_STEP_SECONDS} s) consumes "
+        f"{ld['gpu_step_consumes_slices_per_s']:.0f}, LsKD twice that: {ld['over_gpu_step']:.1f}x and "
+        f"{ld['over_gpu_step_lskd']:.1f}x.",
         f"- Whole BCS-DBT projected: {pr['hours_on_2_cores']:.1f} h on 2 cores, {pr['hours_on_32_cores']:.1f} h on 32 "
         f"cores (decoding every frame of every volume: {pr['every_frame_of_every_volume_hours_on_32_cores']:.1f} h "
         f"on 32 cores; contention factor {pr['contention_factor']:.2f}).",
@@ -246,6 +301,7 @@ def main() -> None:
     results = {"machine": machine()}
     results["decoders"] = bench_decoders(_volume(root, SPECS[0]), args.rounds)
     results["preprocess"] = bench_preprocess(root, work, args.rounds)
+    results["loader"] = bench_loader(work, args.rounds)
     results["predict"] = bench_predict(root, work)
     results["projection"] = projection(results["preprocess"], results["decoders"])
     results["seconds"] = time.perf_counter() - started

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from comoto_cli.errors import UsageError
 
@@ -25,6 +26,25 @@ class StrictModel(BaseModel):
 
 
 OnError = Literal["fail", "skip"]
+
+
+def _modality_codes(values: list[str]) -> list[str]:
+    """DICOM Modality codes (CS: upper case, digits, '_', at most 16 characters), upper-cased, duplicates dropped."""
+    codes: list[str] = []
+    for value in values:
+        code = value.strip().upper()
+        if not re.fullmatch(r"[A-Z0-9_ ]{1,16}", code):
+            raise ValueError(f"{value!r} is not a DICOM Modality code (such as RG, DX, CR or OT)")
+        if code not in codes:
+            codes.append(code)
+    return codes
+
+
+# Modalities the user vouches for: generic X-ray / Secondary Capture images with one of them are read as
+# mammograms (DBT volumes for a multi-frame input of `predict`), as Modality MG is. Empty: only MG.
+AcceptModality = Annotated[list[str], AfterValidator(_modality_codes)]
+_ACCEPT_HELP = ("Modality codes (e.g. RG for digitised film stored as Secondary Capture) whose generic X-ray or "
+                "Secondary Capture images you vouch are mammograms; by default only Modality MG is accepted")
 
 
 # ---------------------------------------------------------------------------------------------- synth
@@ -83,6 +103,7 @@ class PreprocessConfig(StrictModel):
         None, description="BCS-DBT boxes CSV, or one per split (as file_paths_csv)")
     annotations_csv: Path | None = Field(None, description="VinDr-Mammo finding_annotations.csv")
     manifest_csv: Path | None = Field(None, description="generic manifest: path, patient_id, xmin, ymin, xmax, ymax")
+    accept_modality: AcceptModality = Field([], description=_ACCEPT_HELP)
 
     @field_validator("file_paths_csv", "labels_csv", "boxes_csv", mode="before",
                      json_schema_input_type=str | list[str] | dict[str, str] | None)
@@ -167,14 +188,24 @@ class TrainConfig(StrictModel):
     epochs: int = Field(50, ge=1)
     batch_size: int = Field(8, ge=1)
     val_batch_size: int = Field(16, ge=1)
-    num_workers: int = Field(0, ge=0, description="DataLoader workers")
+    num_workers: int | Literal["auto"] = Field(
+        "auto", description="DataLoader worker processes; auto: none on the CPU, on a GPU this process's share of "
+        "the cores less one (at most 8; distill splits them between the DBT and the mammography batches)")
     seed: int = Field(0, ge=0)
     amp: bool = Field(True, description="mixed precision when CUDA is available (ignored on CPU)")
     deterministic: bool = True
     best_metric: str = Field("mean_sensitivity", description="validation metric that picks best.pt")
-    val_every: int = Field(1, ge=1, description="validate every N epochs and after the last one; best.pt is picked "
-                                                "among the validated epochs")
+    val_every: int | Literal["auto"] = Field(
+        "auto", description="validate every N epochs and after the last one; best.pt is picked among the validated "
+        "epochs; auto: every epoch, or every 5 on a validation split of more than 200 volumes (images)")
     log_every: int = Field(10, ge=1, description="steps between progress updates")
+
+    @field_validator("num_workers", "val_every")
+    @classmethod
+    def _count_or_auto(cls, value, info):
+        if value != "auto" and value < (0 if info.field_name == "num_workers" else 1):
+            raise ValueError(f"must be 'auto' or a whole number >= {0 if info.field_name == 'num_workers' else 1}")
+        return value
 
 
 class TeacherConfig(TrainConfig):
@@ -209,6 +240,16 @@ class InferenceConfig(StrictModel):
     nms_min_score: float = Field(0.001, ge=0.0)
     nms_window_fraction: float = Field(0.25, gt=0.0, le=1.0, description="window = +- fraction * slices")
     max_boxes_per_volume: int = Field(100, ge=1)
+    num_workers: int | Literal["auto"] = Field(
+        "auto", description="processes reading cached slices ahead of the detector; auto: none on the CPU, on a GPU "
+        "this process's share of the cores less one (at most 8)")
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, value):
+        if value != "auto" and value < 0:
+            raise ValueError("must be 'auto' or a whole number >= 0")
+        return value
 
 
 class EvaluateConfig(StrictModel):
@@ -232,6 +273,7 @@ class PredictConfig(StrictModel):
     format: Literal["csv", "json"] = "csv"
     overlays: Path | None = None
     inference: InferenceConfig = InferenceConfig()
+    accept_modality: AcceptModality = Field([], description=_ACCEPT_HELP)
 
 
 ExperimentMethod = Literal["none", "pretrain", "image", "lesion", "lesion+impa"]

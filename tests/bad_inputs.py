@@ -128,6 +128,41 @@ def set_dbt_window(path: Path, center: str, width: str) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
+def garble_nested_sequence(path: Path) -> None:
+    """A garbled sequence in the header: FrameVOILUTSequence says 5 bytes, too few for the item it holds."""
+    data = bytearray(path.read_bytes())
+    at = data.find(b"\x28\x00\x32\x91SQ\x00\x00")  # (0028,9132) SQ, explicit VR little endian
+    assert at > 0, "no FrameVOILUTSequence to garble"
+    data[at + 8:at + 12] = (5).to_bytes(4, "little")
+    path.unlink()
+    path.write_bytes(bytes(data))
+
+
+def corrupt_compressed_pixels(path: Path) -> None:
+    """JPEG 2000 pixel data (compressed here if it was not) whose frames keep their first bytes (the markers and
+    the image size) and lose the rest of the code stream."""
+    from pydicom.encaps import encapsulate, generate_frames
+    from pydicom.uid import JPEG2000Lossless
+
+    ds = pydicom.dcmread(path)
+    if not ds.file_meta.TransferSyntaxUID.is_compressed:
+        ds.compress(JPEG2000Lossless, generate_instance_uid=False)
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = [frame[:40] + bytes(len(frame) - 40) for frame in generate_frames(ds.PixelData, number_of_frames=count)]
+    ds.PixelData = encapsulate(frames)
+    path.unlink()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def undecodable_syntax(path: Path) -> None:
+    """Compressed pixel data labelled with a transfer syntax pydicom 3 has no decoder for (MPEG-2)."""
+    corrupt_compressed_pixels(path)
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2 Main Profile / Main Level
+    path.unlink()
+    ds.save_as(path, enforce_file_format=True)
+
+
 def truncate(path: Path, keep: float) -> None:
     data = path.read_bytes()
     path.unlink()
@@ -353,6 +388,11 @@ CASES: list[Case] = [
     Case("dicom-nan-window", 1, _dicom_case(lambda p: set_dbt_window(p, "NaN", "2266"), "window")),
     Case("dicom-zero-window-width", 1, _dicom_case(lambda p: set_dbt_window(p, "1797", "0"), "window")),
     Case("dicom-missing-file", 1, _dicom_case(lambda p: p.unlink(), "not found")),
+    Case("dicom-garbled-sequence", 1, _dicom_case(garble_nested_sequence, "corrupt DICOM header")),
+    Case("dicom-corrupt-compressed", 1, _dicom_case(corrupt_compressed_pixels, "corrupt")),
+    Case("dicom-undecodable-syntax", 1, _dicom_case(undecodable_syntax, "cannot decode MPEG2")),
+    Case("dicom-window-beyond-float32", 1, _dicom_case(lambda p: set_dbt_window(p, "1e39", "1e300"), "window")),
+    Case("dicom-header-size-wrong", 1, _dicom_case(lambda p: change_dicom(p, Rows=100), "DICOM header", "Rows 100")),
     # BCS-DBT CSVs
     Case("paths-missing-column", 1, _dbt_csv_case(DBT_PATHS, _drop_column("View"), "View")),
     Case("paths-misspelled-column", 1, _dbt_csv_case(DBT_PATHS, _rename_column("StudyUID", "StudyUDI"), "StudyUID")),
@@ -373,6 +413,8 @@ CASES: list[Case] = [
     Case("boxes-not-a-number", 1, _dbt_csv_case(DBT_BOXES, _cell("Y", "twelve"), "row 2", "Y")),
     Case("boxes-slice-out-of-range", 1, _dbt_csv_case(DBT_BOXES, _cell("Slice", "999"), "row 2", "999")),
     Case("boxes-unknown-volume", 1, _dbt_csv_case(DBT_BOXES, _cell("StudyUID", "DBT-S99999"), "row 2")),
+    Case("boxes-huge-integer", 1, _dbt_csv_case(DBT_BOXES, _cell("VolumeSlices", "99999999999999999999"), "row 2",
+                                                "VolumeSlices", "out of range")),
     # VinDr-Mammo and the generic manifest
     Case("vindr-missing-column", 1, _mammo_case(_drop_column("xmin"), "xmin")),
     Case("vindr-box-outside", 1, _mammo_case(_cell("xmax", "9999"), "row 2")),
@@ -381,15 +423,28 @@ CASES: list[Case] = [
     Case("vindr-dicom-truncated", 1, _mammo_case(lambda p: truncate(p, 0.3), "truncated", dicom_row=2)),
     Case("vindr-dicom-nan-window", 1, _mammo_case(lambda p: change_dicom(p, WindowCenter="NaN"), "not finite",
                                                   dicom_row=2)),
+    Case("vindr-dicom-overflowing-rescale", 1, _mammo_case(
+        lambda p: change_dicom(p, RescaleSlope="1e308", RescaleIntercept="0"), "not finite", dicom_row=2)),
+    Case("vindr-dicom-rows-zero", 1, _mammo_case(lambda p: change_dicom(p, Rows=0), "absurd", "Rows 0",
+                                                 dicom_row=2)),
+    Case("vindr-dicom-header-size-wrong", 1, _mammo_case(lambda p: change_dicom(p, Rows=100), "DICOM header",
+                                                         "Rows 100", dicom_row=2)),
+    Case("vindr-dicom-corrupt-compressed", 1, _mammo_case(corrupt_compressed_pixels, "corrupt", dicom_row=2)),
+    Case("vindr-dicom-secondary-capture-rg", 1, _mammo_case(
+        lambda p: change_dicom(p, SOPClassUID="1.2.840.10008.5.1.4.1.1.7", Modality="RG"), "--accept-modality RG",
+        dicom_row=2)),
     Case("manifest-bad-number", 1, _manifest_case([["{first}", "p1", "1", "2", "x", "9"]], "row 2", "xmax")),
     Case("manifest-dotdot", 1, _manifest_case([["../{first}", "p1", "", "", "", ""]], "row 2")),
     Case("manifest-degenerate-box", 1, _manifest_case([["{first}", "p1", "10", "10", "10", "20"]], "row 2")),
+    Case("manifest-huge-number", 1, _manifest_case([["{first}", "p1", "1", "2", "1e300", "9"]], "row 2", "xmax")),
     # configs (exit 2) and flags
     Case("config-wrong-type", 2, _config_case("train-teacher", {"epochs": "many"}, "epochs")),
     Case("config-unknown-key", 2, _config_case("train-teacher", {"learning_rate": 0.1}, "learning_rate")),
     Case("config-negative-lr", 2, _config_case("distill", {"optim": {"lr": -0.001}}, "optim.lr")),
     Case("config-bad-ratio", 2, _config_case("distill", {"train_ratio": 1.5}, "train_ratio")),
     Case("config-preprocess-type", 2, _config_case("preprocess", {"image_height": "big"}, "image_height")),
+    Case("config-bad-modality-code", 2, _config_case("preprocess", {"accept_modality": ["RG", "not a code!"]},
+                                                     "accept_modality")),
     Case("config-evaluate-negative", 2, _config_case("evaluate", {"bootstrap": -1}, "bootstrap")),
     Case("config-synth-unknown", 2, _config_case("synth", {"sizes": "tiny"}, "sizes")),
     Case("config-not-json", 2, _config_case("train-teacher", "{epochs: 2", "JSON")),

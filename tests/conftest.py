@@ -140,3 +140,29 @@ def fake(monkeypatch, tmp_path):
     make.state = state
     make.root = tmp_path / "data"
     return make
+
+
+@pytest.fixture
+def kill_after_first_part():
+    """``kill(arguments, out)``: run ``comoto ARGUMENTS`` (a preprocess writing ``out``) in a session of its own and
+    SIGKILL it, workers included, as soon as its first work file exists; asserts it was still running then."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def kill(arguments: list[str], out: Path) -> None:
+        process = subprocess.Popen([sys.executable, "-m", "comoto_cli", *arguments], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                   start_new_session=True)
+        deadline = time.monotonic() + 60
+        while (not list(Path(f"{out}.parts").glob("*/*.part.h5")) and process.poll() is None
+               and time.monotonic() < deadline):
+            time.sleep(0.002)
+        running = process.poll() is None
+        if running:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        assert running and process.returncode == -signal.SIGKILL  # killed mid-run, not finished
+
+    return kill

@@ -38,11 +38,20 @@ def _history(run: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("mode", ["lesion", "image", "pretrain", "none"])
-def test_every_mode_trains_and_logs_its_losses(tmp_path, tiny_caches, tiny_teacher, mode):
-    from comoto_cli.engine.checkpoint import load_checkpoint
+def test_every_mode_trains_and_logs_its_losses(tmp_path, tiny_caches, tiny_teacher, mode, monkeypatch):
+    from comoto_cli.engine import trainer
+    from comoto_cli.engine.checkpoint import load_checkpoint, load_detector
 
     teacher_hash = _sha256(tiny_teacher)
     teacher_state = {k: v.clone() for k, v in load_checkpoint(tiny_teacher)["model_state"].items()}
+    initial: dict[str, torch.Tensor] = {}  # the student's weights as training starts
+    real_train = trainer.train
+
+    def recording_train(*args, **kwargs):
+        initial.update({k: v.detach().clone() for k, v in kwargs["model"].state_dict().items()})
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train", recording_train)
     out = tmp_path / mode
     summary = run_distill(_config(tiny_caches, tiny_teacher, out, mode))
     history = _history(out)
@@ -65,9 +74,18 @@ def test_every_mode_trains_and_logs_its_losses(tmp_path, tiny_caches, tiny_teach
     assert summary["best_epoch"] in (1, 2)
     if mode in ("lesion", "image"):
         assert "projection" in best["extra_states"]
-    # Initialised from the teacher in every mode but `none` (checked on the first epoch's weights is not
-    # possible after training, so compare the architecture record instead).
-    if mode != "none":
+    # Initialised from the teacher in every mode but `none`: the weights training starts from are the teacher's,
+    # tensor for tensor; `none` starts from a fresh initialisation of the same architecture.
+    assert set(initial) == set(teacher_state)
+    # `image` sizes its projection with a forward pass of the student in train mode before training, which moves
+    # the BatchNorm running statistics: its learned parameters are compared, every tensor in the other modes.
+    parameters = {name for name, _ in load_detector(tiny_teacher)[0].named_parameters()}
+    compared = [k for k in teacher_state if mode != "image" or k in parameters]
+    same = [torch.equal(initial[k], teacher_state[k]) for k in compared]
+    if mode == "none":
+        assert sum(same) < len(same) // 2, f"{sum(same)} of {len(same)} tensors equal the teacher's"
+    else:
+        assert compared and all(same), [k for k, equal in zip(compared, same) if not equal][:5]
         assert best["model_config"] == load_checkpoint(tiny_teacher)["model_config"]
 
 
@@ -116,13 +134,17 @@ def test_kill_and_resume(tmp_path, tiny_caches, tiny_teacher):
     deadline = time.time() + 120
     while not (out / "last.pt").exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)
+    running = process.poll() is None  # checked before the kill: a finished run would make the resume vacuous
     process.send_signal(signal.SIGKILL)
     process.wait()
+    assert running and process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert (out / "last.pt").exists(), "the run should have finished at least one epoch before the kill"
+    from comoto_cli.engine.checkpoint import load_checkpoint
+
+    killed_at = load_checkpoint(out / "last.pt")["metadata"]["epoch"]
+    assert 1 <= killed_at < 4, f"last.pt says epoch {killed_at} at the kill: not mid-run"
     subprocess.run(command + ["--resume"], check=True, stdout=subprocess.DEVNULL, env=env)
     history = _history(out)
     assert [line["epoch"] for line in history] == [1, 2, 3, 4]
-    from comoto_cli.engine.checkpoint import load_checkpoint
-
     assert load_checkpoint(out / "last.pt")["metadata"]["epoch"] == 4
     assert load_checkpoint(out / "best.pt")["metadata"]["kind"] == "student"

@@ -335,25 +335,12 @@ def test_synthetic_mammo_boxes_lie_on_lesions(synthetic):
     assert summary["modality"] == "mammo" and summary["total"]["volumes"] == len(truth)
 
 
-def test_kill_9_then_rerun_gives_the_same_content(synthetic, tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
+def test_kill_9_then_rerun_gives_the_same_content(synthetic, tmp_path, kill_after_first_part):
     root = synthetic["folder"] / "data" / "dbt"
     out = tmp_path / "dbt.h5"
-    command = [sys.executable, "-m", "comoto_cli", "preprocess", "dbt", str(root), "--out", str(out),
-               "--image-height", "128", "--image-width", "64", "--lesion-slice-offset", "1", "--normal-slices", "2",
-               "--workers", "2", "--no-progress"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while not list(Path(f"{out}.parts").glob("*/*.part.h5")) and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    os.killpg(process.pid, signal.SIGKILL)  # its own session: the workers die with it
-    assert process.wait() == -signal.SIGKILL  # killed mid-run, not finished
+    kill_after_first_part(["preprocess", "dbt", str(root), "--out", str(out), "--image-height", "128", "--image-width",
+                           "64", "--lesion-slice-offset", "1", "--normal-slices", "2", "--workers", "2",
+                           "--no-progress"], out)
     assert not out.exists()
     report = preprocess(root, out, synthetic["dbt_config"], progress=False)
     assert report["reused"] >= 1

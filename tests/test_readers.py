@@ -664,3 +664,105 @@ def test_frame_out_of_range_is_one_line(tmp_path):
     path = make_dbt(tmp_path / "v.dcm", breast_volume(slices=3), 2048, 4096)
     with pytest.raises(InputDataError, match="the volume has 3"):
         list(dicom_io.open_dbt(path, "lcc").frames([5]))
+
+
+# ------------------------------------------------------------------- header against pixel data, vouching, warnings
+def _set_nested_sequence_length(path: Path, keyword_tag: bytes, length: int) -> None:
+    """Garble a sequence inside the header: the explicit-VR length field of the first ``keyword_tag`` SQ."""
+    data = bytearray(path.read_bytes())
+    at = data.find(keyword_tag + b"SQ\x00\x00")
+    assert at > 0
+    data[at + 8:at + 12] = length.to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+
+
+# Uncompressed: the stored length; JPEG 2000: the size in the codestream's own header (a compressed frame count is
+# its fragments, checked when decoding).
+@pytest.mark.parametrize("compress,tag,value", [(False, "Rows", 30), (False, "Rows", 34), (False, "Columns", 28),
+                                                (False, "NumberOfFrames", 2), (True, "Rows", 30), (True, "Columns", 34)])
+def test_header_size_that_does_not_match_the_pixel_data_blames_the_header(tmp_path, monkeypatch, compress, tag,
+                                                                            value):
+    path = _retag(make_dbt(tmp_path / "v.dcm", breast_volume(slices=3, rows=32, cols=32), 2000, 3000,
+                           compress=compress), **{tag: value})
+    monkeypatch.setattr(Dataset, "pixel_array", property(lambda self: pytest.fail("decoded pixels")))
+    message = _raises(lambda: read_dbt_header(path), path, "DICOM header", f"{tag} {value}")
+    assert "does not match" in message
+    if tag != "NumberOfFrames":
+        mammo = _retag(make_mammo(tmp_path / "m.dcm", mammo_image(32, 32), compress=compress), **{tag: value})
+        _raises(lambda: dicom_io.read_mammo_header(mammo, csv=Path("m.csv"), row=4), mammo, "m.csv row 4",
+                "DICOM header", f"{tag} {value}")
+
+
+def _retag(path: Path, **tags) -> Path:
+    """Change header tags of a written file without touching its pixel data."""
+    ds = pydicom.dcmread(path)
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_truncated_native_pixel_data_is_seen_in_the_header(tmp_path):
+    path = make_dbt(tmp_path / "v.dcm", breast_volume(slices=3, rows=12, cols=10), 2000, 3000)
+    path.write_bytes(path.read_bytes()[:-50])
+    _raises(lambda: read_dbt_header(path), path, "truncated")
+
+
+def test_mammogram_header_reader_refuses_absurd_sizes_and_foreign_objects(tmp_path):
+    assert dicom_io.read_mammo_header(make_mammo(tmp_path / "ok.dcm", mammo_image(16, 12))) == (1, 16, 12)
+    zero = make_mammo(tmp_path / "zero.dcm", mammo_image(16, 12), Rows=0)
+    _raises(lambda: dicom_io.read_mammo_header(zero), zero, "absurd", "Rows 0")
+    ct = make_mammo(tmp_path / "ct.dcm", mammo_image(), sop=CTImageStorage, modality="CT")
+    _raises(lambda: dicom_io.read_mammo_header(ct), ct, "SOP class")
+    absent = tmp_path / "absent.dcm"
+    _raises(lambda: dicom_io.read_mammo_header(absent), absent, "not found")
+
+
+def test_garbled_sequence_is_a_corrupt_header_naming_the_file(tmp_path):
+    path = make_dbt(tmp_path / "v.dcm", breast_volume(), 2000, 3000)
+    _set_nested_sequence_length(path, b"\x28\x00\x32\x91", 5)  # FrameVOILUTSequence: 5 bytes, no room for an item
+    _raises(lambda: read_dbt_volume(path, "lcc", csv=Path("p.csv"), row=7), path, "p.csv row 7",
+            "corrupt DICOM header")
+    _raises(lambda: read_dicom_image(path), path, "corrupt DICOM header")
+
+
+@pytest.mark.parametrize("tags", [{"RescaleSlope": "1e308", "RescaleIntercept": "0"},
+                                  {"RescaleSlope": "-1e308", "RescaleIntercept": "-1e308"}])
+def test_absurd_rescale_or_window_is_one_error_without_numpy_warnings(tmp_path, tags):
+    import warnings
+
+    path = make_mammo(tmp_path / "m.dcm", mammo_image(), **tags)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _raises(lambda: read_mammogram(path), path, "modality/VOI")
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in caught]
+
+
+def test_window_beyond_float32_is_unusable_without_numpy_warnings(tmp_path):
+    import warnings
+
+    path = make_dbt(tmp_path / "v.dcm", breast_volume(), "1e39", "1e300")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _raises(lambda: read_dbt_volume(path, "lcc"), path, "window")
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in caught]
+
+
+def test_accept_modality_vouches_only_for_generic_x_ray_classes(tmp_path):
+    image = mammo_image()
+    film = make_mammo(tmp_path / "rg.dcm", image, sop=SecondaryCaptureImageStorage, modality="RG")
+    message = _raises(lambda: read_mammogram(film), film, "SOP class", "--accept-modality RG")
+    assert "'RG'" in message
+    np.testing.assert_array_equal(read_mammogram(film, accept_modality=["rg"]),
+                                  read_mammogram(make_mammo(tmp_path / "mg.dcm", image)))
+    assert dicom_io.read_mammo_header(film, accept_modality=("RG",)) == (1, 16, 12)
+    _raises(lambda: read_mammogram(film, accept_modality=["OT"]), film, "SOP class")
+    assert read_dicom_image(film, accept_modality=["RG"])[1] == "mammo"
+    _raises(lambda: read_dicom_image(film), film, "SOP class")
+    ct = make_mammo(tmp_path / "ct.dcm", image, sop=CTImageStorage, modality="CT")
+    message = _raises(lambda: read_mammogram(ct, accept_modality=["CT"]), ct, "SOP class")
+    assert "--accept-modality" not in message  # no word of the user makes a CT slice a mammogram
+    volume = make_dbt(tmp_path / "v.dcm", breast_volume(), 2000, 3000, sop=SecondaryCaptureImageStorage,
+                      modality="OT")
+    _raises(lambda: read_dicom_image(volume), volume, "SOP class")
+    assert read_dicom_image(volume, accept_modality=["OT"])[1] == "dbt"

@@ -82,6 +82,26 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, tmp_path, tiny_synth, ti
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
 
 
+def test_on_error_skip_leaves_out_only_the_row_with_a_huge_number(tmp_path, tiny_synth, capsys, monkeypatch):
+    """A huge integer in a boxes CSV is refused when the CSV is read (before any decoding), naming the row; with
+    --on-error skip only that row's volume is left out and the run finishes."""
+    from comoto_cli.cache import SliceCache
+    from tests.bad_inputs import DBT_BOXES, DBT_PATHS, SMALL, read_rows, set_cell
+
+    monkeypatch.delenv("COMOTO_DEBUG", raising=False)
+    root = dbt_copy(tiny_synth, tmp_path)
+    set_cell(root / DBT_BOXES, 2, "VolumeSlices", "99999999999999999999")
+    volumes = len(read_rows(root / DBT_PATHS)) - 1
+    out = tmp_path / "out" / "dbt.h5"
+    code, err = _run_cli(["preprocess", "dbt", root, "--out", out, *SMALL, "--val-fraction", "0.25",
+                          "--test-fraction", "0.25", "--on-error", "skip"], capsys)
+    assert code == 0, err
+    cache = SliceCache(out)
+    assert [(Path(s["path"]).name, s["row"]) for s in cache.skipped] == [(DBT_BOXES, 2)]
+    assert "VolumeSlices" in cache.skipped[0]["reason"] and "out of range" in cache.skipped[0]["reason"]
+    assert len(cache.volumes["patient_id"]) == volumes - 1
+
+
 def test_real_command_prints_one_line_without_library_warnings_and_debug_the_trace(tmp_path, tiny_synth):
     """From the console command with worker processes: pydicom's warnings about a torn file do not add lines
     to the one-line error; --debug shows the traceback."""

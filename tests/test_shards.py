@@ -4,11 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -160,22 +155,12 @@ def test_real_dbt_and_mammo_shards_through_the_cli(tiny_synth, single_runs, tmp_
         assert cache_content_hash(merged) == cache_content_hash(single_runs[modality]), modality
 
 
-def test_killed_shard_resumes_and_merges_to_the_single_run(tiny_synth, single_runs, tmp_path):
+def test_killed_shard_resumes_and_merges_to_the_single_run(tiny_synth, single_runs, tmp_path, kill_after_first_part):
     root = tiny_synth / "dbt"
     out = tmp_path / "shard1.h5"
-    command = [sys.executable, "-m", "comoto_cli", "preprocess", "dbt", str(root), "--out", str(out), "--shard", "1/2",
-               "--image-height", "32", "--image-width", "32", "--val-fraction", "0.25", "--test-fraction", "0.25",
-               "--workers", "1", "--no-progress"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while not list(Path(f"{out}.parts").glob("*/*.part.h5")) and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.002)
-    running = process.poll() is None
-    if running:
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert running and process.returncode == -signal.SIGKILL  # killed mid-run, not finished
+    kill_after_first_part(["preprocess", "dbt", str(root), "--out", str(out), "--shard", "1/2", "--image-height",
+                           "32", "--image-width", "32", "--val-fraction", "0.25", "--test-fraction", "0.25",
+                           "--workers", "1", "--no-progress"], out)
     assert not out.exists() and list(Path(f"{out}.parts").glob("*/*.part.h5"))
     config = PreprocessConfig(modality="dbt", workers=1, split=SPLIT, **SIZE)
     report = preprocess(root, out, config, shard=(1, 2), progress=False)

@@ -268,6 +268,12 @@ def test_boxes_for_unknown_volume(dbt_root):
         ("VolumeSlices", "0", "positive"),
         ("X", "", "empty"),
         ("X", "inf", "finite"),
+        # huge numbers: refused as they are read, before any arithmetic (or DICOM decoding) meets them
+        ("VolumeSlices", "99999999999999999999999", "out of range"),
+        ("Slice", "1e300", "out of range"),
+        ("X", "1e300", "out of range"),
+        ("Width", "123456789012345678901234567890", "out of range"),
+        ("Y", "-1e300", "out of range"),
     ],
 )
 def test_bad_boxes(dbt_root, column, value, needle):
@@ -423,6 +429,7 @@ def test_vindr_records(vindr_root):
         (vindr_row("st1", "im1", "L", "CC", "['Mass']", ("1", "", "5", "5")), "partly empty"),
         (vindr_row("st1", "im1", "L", "CC", "['Mass']", ("1", "x", "5", "5")), "not a number"),
         (vindr_row("st1", "im1", "L", "CC", "['Mass']", ("-1", "1", "5", "5")), "negative"),
+        (vindr_row("st1", "im1", "L", "CC", "['Mass']", ("1", "1", "1e300", "5")), "out of range"),
         (vindr_row("st1", "im1", "L", "XCCL", "['Mass']", ("1", "1", "5", "5")), "CC/MLO"),
         (vindr_row("st1", "im1", "R", "CC", "['Mass']", ("1", "1", "5", "5")), "row 2"),
         (vindr_row("st1", "im1", "L", "CC", "['Mass']", ("1", "1", "5", "5"), split="dev"), "split"),
@@ -496,6 +503,7 @@ def test_manifest(tmp_path):
         (["", "p1", "1", "2", "3", "4", "", ""], "'path' is empty"),
         (["a.dcm", "", "1", "2", "3", "4", "", ""], "'patient_id' is empty"),
         (["a.dcm", "p1", "1", "2", "3", "4", "cc", ""], "view"),
+        (["a.dcm", "p1", "1", "2", "99999999999999999999999", "4", "", ""], "'xmax' is out of range"),
     ],
 )
 def test_manifest_bad_rows(tmp_path, row, needle):
@@ -534,3 +542,14 @@ def test_manifest_unsafe_and_missing(tmp_path):
     records = read_manifest(root, manifest, skipped=skipped)
     assert [r.source for r in records] == ["a.dcm"]
     assert [s["row"] for s in skipped] == [3, 4] and "not found" in skipped[1]["reason"]
+
+
+def test_csv_integer_columns_refuse_values_beyond_exact_floats(tmp_path):
+    """A huge integer (e.g. a DBTex label column) is an error naming the row, not an int64 overflow later."""
+    from comoto_cli.utils.csvio import read_csv
+
+    table = read_csv(write_csv(tmp_path / "t.csv", ["a"], [["1"], ["99999999999999999999"]]), ["a"])
+    with pytest.raises(InputDataError, match=r"t\.csv, row 3: column 'a' is out of range"):
+        table.ints("a")
+    assert read_csv(write_csv(tmp_path / "u.csv", ["a"], [["-7"], ["9007199254740992"]]), ["a"]).ints("a").tolist() == [
+        -7, 2**53]

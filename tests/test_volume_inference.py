@@ -244,3 +244,45 @@ def test_predict_cache_covers_every_volume_of_the_split(tmp_path):
     with pytest.raises(UsageError, match="stores 1 of its 9 slices"):
         predict_cache(SliceCodedModel(plan), cache, "train", InferenceConfig(), "cpu", progress=False)
     cache.close()
+
+
+def test_slices_read_ahead_by_worker_processes_give_the_same_predictions(tmp_path):
+    cache = write_cache(tmp_path / "c.h5", [("p1", "test", 10, True), ("p2", "val", 8, True),
+                                            ("p3", "test", 12, True), ("p4", "train", 9, False)])
+    cache.images(slice(0, 1))  # an open HDF5 handle in the parent: the workers must open their own
+    plan = {index: [([2.0 + index, 4.0, 12.0 + index, 14.0], 0.5 + index / 100)] for index in range(12)}
+    for skip in (0, 2):
+        config = InferenceConfig(batch_size=3, skip_edge_slices=skip, num_workers=0)
+        inline_model, ahead_model = SliceCodedModel(plan), SliceCodedModel(plan)
+        inline = predict_cache(inline_model, cache, "test", config, "cpu", progress=False)
+        ahead = predict_cache(ahead_model, cache, "test", config.model_copy(update={"num_workers": 2}), "cpu",
+                              progress=False)
+        # The model reads each slice's index from its pixels: the streamed slices came in the same order.
+        assert ahead_model.seen == inline_model.seen and len(inline_model.seen) == 22 - 4 * skip
+        assert len(inline["Score"]) > 0
+        for column in DBTEX_COLUMNS:
+            assert np.array_equal(inline[column], ahead[column]), column
+    cache.close()
+
+
+def test_automatic_loader_workers_follow_the_device_and_the_cores(monkeypatch):
+    from comoto_cli.utils import system
+
+    monkeypatch.setattr(system, "usable_cores", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert system.loader_workers("auto", "cpu") == 0  # the model's threads use the cores
+    assert system.loader_workers("auto", "cuda") == 8  # 15 free cores, at most 8
+    assert system.loader_workers("auto", "cuda", loaders=2) == 4  # distill: DBT and mammography loaders
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four GPU processes share the node
+    assert system.loader_workers("auto", "cuda") == 3
+    monkeypatch.setattr(system, "usable_cores", lambda: 1)
+    assert system.loader_workers("auto", "cuda") == 0
+    assert system.loader_workers(5, "cpu") == 5  # an explicit count is kept
+
+
+def test_automatic_validation_schedule_thins_out_on_large_validation_sets():
+    from comoto_cli.engine.trainer import AUTO_VAL_EVERY, LARGE_VALIDATION, resolve_val_every
+
+    assert resolve_val_every("auto", 12) == 1
+    assert resolve_val_every("auto", LARGE_VALIDATION + 1) == AUTO_VAL_EVERY > 1
+    assert resolve_val_every(3, 10_000) == 3

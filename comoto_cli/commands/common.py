@@ -15,6 +15,9 @@ M = TypeVar("M", bound=BaseModel)
 console = Console(highlight=False)
 
 CONFIG_OPTION_HELP = "JSON (or YAML) config file; flags given on the command line override it."
+NUM_WORKERS_HELP = "DataLoader worker processes (default auto: none on the CPU, on a GPU the cores less one, at most 8)."
+VAL_EVERY_HELP = ("Validate every N epochs (and after the last); default auto: every epoch, every 5th on more than 200 "
+                  "validation volumes (images).")
 
 
 def resolve_config(model: type[M], config_file: Path | None, **flags: Any) -> M:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from comoto_cli.commands.common import CONFIG_OPTION_HELP, console, resolve_config
+from comoto_cli.commands.common import CONFIG_OPTION_HELP, NUM_WORKERS_HELP, VAL_EVERY_HELP, console, resolve_config
 from comoto_cli.config import DistillConfig
 
 
@@ -27,8 +27,8 @@ def distill(
     temperature: float | None = typer.Option(None, "--temperature", help="KD temperature T."),
     num_points: int | None = typer.Option(None, "--num-points", help="Lesion points P: 1, 4, 5 or 9."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed (also picks the train-ratio subset)."),
-    num_workers: int | None = typer.Option(None, "--num-workers", help="DataLoader worker processes."),
-    val_every: int | None = typer.Option(None, "--val-every", help="Validate every N epochs (and after the last)."),
+    num_workers: int | None = typer.Option(None, "--num-workers", help=NUM_WORKERS_HELP),
+    val_every: int | None = typer.Option(None, "--val-every", help=VAL_EVERY_HELP),
 ) -> None:
     """Train the DBT student: LsKD from a mammography teacher, or a baseline; best.pt by DBTex mean sensitivity."""
     from comoto_cli.engine.distill import run_distill

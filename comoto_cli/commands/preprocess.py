@@ -68,6 +68,8 @@ _WORKERS_HELP = "Worker processes (0 = as many as the cores and the free memory 
 _CSV_HELP = ("BCS-DBT {what} CSV (default: found in ROOT by its columns). Repeat it with SPLIT=CSV, SPLIT one of "
              "train, validation, test, to keep the dataset's own split, e.g. --{what}-csv train=F1 "
              "--{what}-csv validation=F2; a lone plain CSV has no split of its own.")
+_ACCEPT_HELP = ("Read Secondary Capture / generic X-ray images with this Modality (e.g. RG: digitised film) as "
+                "mammograms: you vouch that they are. Repeatable. Default: only Modality MG.")
 _DECODER_HELP = ("JPEG 2000 decoder: auto (pylibjpeg-openjpeg: most frames per core), pylibjpeg, gdcm or pillow. "
                  "Speed only: every decoder gives the same pixels.")
 
@@ -125,10 +127,13 @@ def mammo(
         None, "--annotations-csv", help="VinDr-Mammo finding_annotations.csv."),
     manifest_csv: Path | None = typer.Option(
         None, "--manifest-csv", help="Generic manifest: path, patient_id, xmin, ymin, xmax, ymax."),
+    accept_modality: list[str] | None = typer.Option(
+        None, "--accept-modality", metavar="MODALITY", help=_ACCEPT_HELP),
     shard: str | None = typer.Option(None, "--shard", metavar="K/N", help=_SHARD_HELP, callback=_check_shard),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
 ) -> None:
     """Mammograms (VinDr-Mammo layout or a generic manifest) -> slice cache: every image, with its boxes."""
     _run("mammo", root, out, config, not no_progress, shard, image_height=image_height, image_width=image_width,
          split__val_fraction=val_fraction, split__test_fraction=test_fraction, split__seed=split_seed,
-         workers=workers, decoder=decoder, on_error=on_error, annotations_csv=annotations_csv, manifest_csv=manifest_csv)
+         workers=workers, decoder=decoder, on_error=on_error, annotations_csv=annotations_csv, manifest_csv=manifest_csv,
+         accept_modality=accept_modality or None)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from comoto_cli.commands.common import CONFIG_OPTION_HELP, resolve_config
+from comoto_cli.commands.common import CONFIG_OPTION_HELP, NUM_WORKERS_HELP, VAL_EVERY_HELP, resolve_config
 from comoto_cli.config import TeacherConfig
 
 
@@ -28,8 +28,8 @@ def train_teacher(
     lr: float | None = typer.Option(None, "--lr", help="Learning rate (optim.lr)."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed."),
     backbone: str | None = typer.Option(None, "--backbone", help="resnet18 | resnet34 | resnet50 | resnet101."),
-    num_workers: int | None = typer.Option(None, "--num-workers", help="DataLoader worker processes."),
-    val_every: int | None = typer.Option(None, "--val-every", help="Validate every N epochs (and after the last)."),
+    num_workers: int | None = typer.Option(None, "--num-workers", help=NUM_WORKERS_HELP),
+    val_every: int | None = typer.Option(None, "--val-every", help=VAL_EVERY_HELP),
 ) -> None:
     """Train the mammography teacher (RetinaNet, ImPA by default); best.pt by validation mean sensitivity."""
     config = resolve_config(

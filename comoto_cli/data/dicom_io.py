@@ -34,11 +34,23 @@ pydicom's ``apply_windowing``; a VOI LUT sequence, preferred when both exist, wi
 pydicom's truncates float input and wraps indices of 8-bit LUTs), min-max normalise to ``[0, 1]`` and invert MONOCHROME1,
 so bright = dense tissue. No
 flip: mammography boxes (VinDr) are in the stored frame.
+
+Before any decoding the header is checked: absurd sizes, and an image size that does not match the pixel data
+stored (the length of uncompressed data; the size in a JPEG / JPEG-LS / JPEG 2000 code stream's own header), so a
+wrong header is reported on the DICOM, not on the CSV box compared with it. SOP class and Modality must say
+mammogram / DBT (:func:`_check_kind`); the user may vouch for other modalities (``--accept-modality``). Every
+failure, a garbled header or an undecodable stream included, is one :class:`InputDataError` line naming the file
+(and CSV row); :mod:`comoto_cli.data.decoders` sets up the decoding plugins and :func:`decode_problem` words
+their failures ('cannot decode <syntax>: install <package>' when a decoder is missing).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,9 +114,18 @@ def _error(message: str, path: Path, csv: Path | None, row: int | None) -> Input
 
 def _read_dataset(path: Path, csv: Path | None, row: int | None, *, header_only: bool = False):
     """pydicom dataset; large values (pixel data) are read lazily so the header can be checked first."""
+    return _read(path, csv, row, header_only=header_only)[0]
+
+
+def _read(path: Path, csv: Path | None, row: int | None, *, header_only: bool = False):
+    """(dataset, file offset of the pixel data element or None): with ``header_only`` the pixel data is not read
+    (the offset lets :func:`_stored_size_problem` look at its length and first bytes)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    from comoto_cli.data import decoders
+
+    decoders.register()
     path = Path(path)
     if not path.exists():
         raise _error("file not found", path, csv, row)
@@ -112,14 +133,36 @@ def _read_dataset(path: Path, csv: Path | None, row: int | None, *, header_only:
         raise _error("not a file", path, csv, row)
     try:
         if header_only:
-            return pydicom.dcmread(path, stop_before_pixels=True)
-        return pydicom.dcmread(path, defer_size=_DEFER_SIZE)
+            with open(path, "rb") as handle:
+                ds = pydicom.dcmread(handle, stop_before_pixels=True)
+                return ds, handle.tell()
+        return pydicom.dcmread(path, defer_size=_DEFER_SIZE), None
     except InvalidDicomError:
         raise _error("not a DICOM file (no 'DICM' preamble)", path, csv, row) from None
     except OSError as exc:
+        if exc.errno is None:  # pydicom's own OSError: "No tag to read at file position ..."
+            raise _error(f"corrupt or truncated DICOM ({type(exc).__name__}: {_one_line(exc)})", path, csv,
+                         row) from None
         raise _error(f"cannot read file: {exc.strerror or exc}", path, csv, row) from None
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for damaged files
         raise _error(f"corrupt or truncated DICOM ({type(exc).__name__}: {_one_line(exc)})", path, csv, row) from None
+
+
+@contextlib.contextmanager
+def _header_errors(path: Path, csv: Path | None, row: int | None) -> Iterator[None]:
+    """Whatever goes wrong while the header is interpreted becomes one line naming the file: pydicom parses
+    sequences and values only when they are first used, so a garbled one raises there (OSError, struct.error,
+    ValueError, ...), and numpy's floating-point warnings (absurd window or rescale values) stay quiet: the
+    checks that follow say what is wrong."""
+    try:
+        with np.errstate(all="ignore"):
+            yield
+    except InputDataError:
+        raise
+    except MemoryError:
+        raise _error("not enough memory to read the DICOM header", path, csv, row) from None
+    except Exception as exc:  # noqa: BLE001 - a damaged header raises anything
+        raise _error(f"corrupt DICOM header ({type(exc).__name__}: {_one_line(exc)})", path, csv, row) from None
 
 
 def _int_tag(ds, keyword: str, default: int | None = None) -> int | None:
@@ -133,9 +176,10 @@ def _int_tag(ds, keyword: str, default: int | None = None) -> int | None:
 
 
 def _check_header(
-    ds, path: Path, csv: Path | None, row: int | None, *, need_pixels: bool
+    ds, path: Path, csv: Path | None, row: int | None, *, need_pixels: bool, offset: int | None = None
 ) -> tuple[int, int, int]:
-    """(frames, rows, cols) from the header, refusing absurd or missing values before any decoding."""
+    """(frames, rows, cols) from the header, refusing absurd or missing values before any decoding, and a header
+    whose image size does not match the pixel data stored (``offset``: where a header-only read stopped)."""
     if need_pixels and not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise _error("no pixel data in the DICOM file (it may be truncated)", path, csv, row)
     rows = _int_tag(ds, "Rows")
@@ -159,7 +203,116 @@ def _check_header(
         raise _error(
             f"colour image (SamplesPerPixel {samples}); a greyscale X-ray is expected", path, csv, row
         )
+    allocated = _int_tag(ds, "BitsAllocated")
+    stored = _int_tag(ds, "BitsStored")
+    signed = _int_tag(ds, "PixelRepresentation")
+    if (allocated is not None and allocated not in (1, 8, 16, 32, 64)) or (
+        stored is not None and not 0 < stored <= (allocated or 64)) or signed not in (None, 0, 1):
+        raise _error(f"absurd pixel format in the DICOM header (BitsAllocated {allocated}, BitsStored {stored}, "
+                     f"PixelRepresentation {signed})", path, csv, row)
+    if offset is not None:
+        problem = _stored_size_problem(path, ds, offset, frames, rows, cols)
+    else:
+        element = ds.get_item("PixelData") if need_pixels and "PixelData" in ds else None
+        length = getattr(element, "length", None)  # a raw (not yet decoded) element knows its stored length
+        problem = _native_size_problem(length, ds, frames, rows, cols) if length not in (None, 0xFFFFFFFF) else None
+    if problem is not None:
+        raise _error(problem, path, csv, row)
     return frames, rows, cols
+
+
+def _size_in_header(frames: int, rows: int, cols: int) -> str:
+    return f"the image size in the DICOM header (Rows {rows}, Columns {cols}, NumberOfFrames {frames}"
+
+
+def _native_size_problem(length: int, ds, frames: int, rows: int, cols: int) -> str | None:
+    """Why ``length`` bytes of uncompressed pixel data do not fit the header's image size, or None. A few bytes
+    more (padding to an even length) are fine; a row or more is a wrong Rows, Columns or NumberOfFrames."""
+    bits = _int_tag(ds, "BitsAllocated")
+    if not bits or bits < 0:
+        return None
+    expected = (frames * rows * cols * bits + 7) // 8
+    if expected <= length < expected + max((cols * bits + 7) // 8, 2):
+        return None
+    return (f"{_size_in_header(frames, rows, cols)}, BitsAllocated {bits}) does not match its pixel data: "
+            f"that size needs {expected} bytes, the file holds {length}")
+
+
+# JPEG start-of-frame markers (every process, JPEG-LS's SOF55 included): they carry the image size.
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+
+
+def _codestream_size(data: bytes) -> tuple[int, int] | None:
+    """(rows, columns) from the start of a JPEG 2000 / HTJ2K, JPEG or JPEG-LS codestream; None when not known."""
+    if data[:4] == b"\xff\x4f\xff\x51" and len(data) >= 24:  # SOC, then SIZ: Xsiz, Ysiz, XOsiz, YOsiz
+        width, height, x_offset, y_offset = struct.unpack(">IIII", data[8:24])
+        return height - y_offset, width - x_offset
+    if data[:2] != b"\xff\xd8":
+        return None
+    position = 2
+    while position + 9 <= len(data):
+        if data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker in _JPEG_SOF:
+            rows, cols = struct.unpack(">HH", data[position + 5:position + 9])
+            return (rows, cols) if rows else None  # 0 rows: given later by a DNL marker
+        if marker == 0xDA:  # start of scan before any frame header: not a stream we know
+            return None
+        position += 2 + int.from_bytes(data[position + 2:position + 4], "big")
+    return None
+
+
+def _stored_size_problem(path: Path, ds, offset: int, frames: int, rows: int, cols: int) -> str | None:
+    """Compare the header's image size with the pixel data element that starts at ``offset``, reading only its
+    element header and, when compressed, the first bytes of frame 0: the stored length for uncompressed data,
+    the size in the codestream's own header for JPEG, JPEG-LS and JPEG 2000 (RLE does not say)."""
+    meta = getattr(ds, "file_meta", None)
+    if str(meta.get("TransferSyntaxUID", "") if meta is not None else "") == "1.2.840.10008.1.2.1.99":
+        return None  # deflated: file offsets are not dataset offsets
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if implicit is None or little is None:
+        return None
+    order = "<" if little else ">"
+    truncated = "no pixel data in the DICOM file (it may be truncated)"
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        head = handle.read(12)
+        if len(head) < 8:
+            return truncated
+        if struct.unpack(order + "HH", head[:4]) != (0x7FE0, 0x0010):
+            return None  # float pixel data, or elements we do not look into
+        if implicit:
+            length, start = struct.unpack(order + "I", head[4:8])[0], offset + 8
+        elif head[4:6] in _LONG_VRS and len(head) == 12:
+            length, start = struct.unpack(order + "I", head[8:12])[0], offset + 12
+        else:
+            length, start = struct.unpack(order + "H", head[6:8])[0], offset + 8
+        if length != 0xFFFFFFFF:
+            missing = start + length - os.fstat(handle.fileno()).st_size
+            if missing > 0:
+                return f"the pixel data is cut short ({missing} bytes missing at the end): the file is truncated"
+            return _native_size_problem(length, ds, frames, rows, cols)
+        handle.seek(start)
+        table = handle.read(8)  # the Basic Offset Table item, then the first fragment of frame 0
+        if len(table) < 8 or struct.unpack("<HH", table[:4]) != (0xFFFE, 0xE000):
+            return None  # malformed encapsulation: the decoder reports it
+        handle.seek(struct.unpack("<I", table[4:8])[0], os.SEEK_CUR)
+        item = handle.read(8)
+        if len(item) < 8:
+            return truncated
+        if struct.unpack("<HH", item[:4]) != (0xFFFE, 0xE000):
+            return "the compressed pixel data holds no frame"
+        first = handle.read(min(struct.unpack("<I", item[4:8])[0], 1 << 16))
+    found = _codestream_size(first)
+    if found is None or found == (rows, cols):
+        return None
+    return (f"{_size_in_header(frames, rows, cols)}) does not match its compressed pixel data, whose frames "
+            f"are {found[0]} x {found[1]} (rows x columns)")
 
 
 def _sop_name(sop: str) -> str:
@@ -168,12 +321,31 @@ def _sop_name(sop: str) -> str:
     return UID(sop).name if sop else "no SOP class"
 
 
-def _check_kind(ds, kind: str, path: Path, csv: Path | None, row: int | None) -> None:
+def normalize_modalities(values: Iterable[str] | None) -> tuple[str, ...]:
+    """Modality codes as DICOM writes them (upper case, no blanks), without duplicates, in the order given."""
+    out: list[str] = []
+    for value in values or ():
+        code = str(value).strip().upper()
+        if code and code not in out:
+            out.append(code)
+    return tuple(out)
+
+
+def _vouched(accept_modality: Iterable[str] | None) -> tuple[str, ...]:
+    """Modalities the user vouches for (``--accept-modality``): as good as MG for generic X-ray / Secondary
+    Capture objects. Passed explicitly: preprocess hands them to its worker processes with each task."""
+    return normalize_modalities(accept_modality)
+
+
+def _check_kind(ds, kind: str, path: Path, csv: Path | None, row: int | None,
+                accept_modality: Iterable[str] | None = None) -> None:
     """Refuse clearly foreign objects (CT, MR, RT, ...) for what the caller expects.
 
     Accepted: the kind's own SOP classes (Breast Tomosynthesis for DBT; Digital Mammography and Breast Projection
     for mammograms) whatever the Modality; generic X-ray / Secondary Capture classes (and DBT given as a
-    mammography-type object) only with Modality MG, as real-world conversions often are.
+    mammography-type object) only with Modality MG, as real-world conversions often are, or with a Modality the
+    user vouches for (``accept_modality``; e.g. RG for digitised
+    film stored as Secondary Capture). Other SOP classes are refused whatever the user says.
     """
     meta = getattr(ds, "file_meta", None)
     sop = str(
@@ -181,20 +353,63 @@ def _check_kind(ds, kind: str, path: Path, csv: Path | None, row: int | None) ->
         or (meta.get("MediaStorageSOPClassUID", "") if meta is not None else "")
         or ""
     )
-    modality = str(ds.get("Modality", "") or "").upper()
+    modality = str(ds.get("Modality", "") or "").strip().upper()
     native, needs_mg = _SOP_RULES[kind]
     if sop in native:
         return
-    if (sop in needs_mg or not sop) and modality == "MG":
+    vouched = _vouched(accept_modality)
+    if (sop in needs_mg or not sop) and (modality == "MG" or (modality and modality in vouched)):
         return
     what = "a breast tomosynthesis volume" if kind == "dbt" else "a mammogram"
+    hint = ""
+    if (sop in needs_mg or not sop) and modality:
+        hint = f"; if it is {what}, say so with --accept-modality {modality}"
     raise _error(
         f"SOP class '{_sop_name(sop)}' with Modality '{modality or '?'}' is not {what} "
-        "(expected a mammography/tomosynthesis SOP class, or Modality MG)",
+        f"(expected a mammography/tomosynthesis SOP class, or Modality MG){hint}",
         path,
         csv,
         row,
     )
+
+
+def _transfer_syntax(ds):
+    meta = getattr(ds, "file_meta", None)
+    return meta.get("TransferSyntaxUID", None) if meta is not None else None
+
+
+def _has_decoder(syntax) -> bool:
+    from pydicom.pixels import get_decoder
+
+    try:
+        get_decoder(syntax)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def decode_problem(exc: BaseException, transfer_syntax) -> str:
+    """One line saying why pixel data could not be decoded: 'cannot decode <syntax>: install <package>' when the
+    package that decodes the syntax here is missing, 'cannot decode <syntax>: ...' when pydicom 3 has no decoder
+    for it at all, else a corrupt or truncated stream with the decoders' own reasons."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import UID
+
+    from comoto_cli.data.decoders import PACKAGES
+
+    syntax = UID(str(transfer_syntax)) if transfer_syntax else None
+    name = syntax.name if syntax is not None else "DICOM"
+    if syntax is not None:
+        if str(syntax) in PACKAGES:
+            package, plugin = PACKAGES[str(syntax)]
+            if plugin not in get_decoder(syntax).available_plugins:
+                return f"cannot decode {name}: install {package}"
+        elif syntax.is_private or not syntax.is_transfer_syntax or (
+            syntax.is_encapsulated and not _has_decoder(syntax)
+        ):
+            return (f"cannot decode {name}: pydicom 3 has no decoder for this transfer syntax; convert the file to "
+                    "one of those the README lists")
+    return f"corrupt or truncated {name} pixel data ({type(exc).__name__}: {_one_line(exc)})"
 
 
 def _decode(ds, path: Path, csv: Path | None, row: int | None) -> np.ndarray:
@@ -203,7 +418,7 @@ def _decode(ds, path: Path, csv: Path | None, row: int | None) -> np.ndarray:
     except MemoryError:
         raise _error("not enough memory to decode the pixel data", path, csv, row) from None
     except Exception as exc:  # noqa: BLE001 - decoders raise ValueError, RuntimeError, struct.error, ...
-        raise _error(f"corrupt or truncated DICOM ({type(exc).__name__}: {_one_line(exc)})", path, csv, row) from None
+        raise _error(decode_problem(exc, _transfer_syntax(ds)), path, csv, row) from None
 
 
 def _first_float(value) -> float | None:
@@ -217,7 +432,8 @@ def _first_float(value) -> float | None:
             value = value[0]
         if value == "":
             return None
-        return float(np.float32(float(value)))
+        with np.errstate(all="ignore"):  # beyond float32: inf, refused by the caller
+            return float(np.float32(float(value)))
     except (TypeError, ValueError, OverflowError):
         return math.nan
 
@@ -273,6 +489,9 @@ def _dbt_window(ds) -> tuple[tuple[float, float] | None, str | None]:
             if slope is not None and intercept is not None and math.isfinite(slope) and slope > 0:
                 # Top-level windows are in rescaled units; the official mapping acts on stored values.
                 low, high = (low - intercept) / slope, (high - intercept) / slope
+        if not (math.isfinite(low) and math.isfinite(high)):
+            problems.append(f"{name} is not finite in stored values (low {low}, high {high})")
+            continue
         if not high > low:
             problems.append(f"{name} has zero width")
             continue
@@ -304,11 +523,13 @@ def pixel_laterality(frame: np.ndarray) -> str:
 
 # ------------------------------------------------------------------------------------------------- DBT
 def read_dbt_header(path: Path) -> tuple[int, int, int]:
-    """(slices, rows, cols) from the header only (no pixel decoding), after the sanity and SOP class checks."""
+    """(slices, rows, cols) from the header only (no pixel decoding), after the sanity and SOP class checks and the
+    check of the header's image size against the pixel data stored (:func:`_check_header`)."""
     path = Path(path)
-    ds = _read_dataset(path, None, None, header_only=True)
-    _check_kind(ds, "dbt", path, None, None)
-    return _check_header(ds, path, None, None, need_pixels=False)
+    ds, offset = _read(path, None, None, header_only=True)
+    with _header_errors(path, None, None):
+        _check_kind(ds, "dbt", path, None, None)
+        return _check_header(ds, path, None, None, need_pixels=False, offset=offset)
 
 
 # JPEG 2000 decoders by preference. Measured on BCS-DBT-size frames (2457 x 1996, 12 bits, lossless) on 2 cores:
@@ -345,11 +566,17 @@ class DbtFrames:
     """
 
     def __init__(self, path: Path, view: str | None, *, csv: Path | None = None, row: int | None = None,
-                 decoder: str = "auto"):
+                 decoder: str = "auto", accept_modality: Iterable[str] | None = None):
         self.path, self.csv, self.row = Path(path), csv, row
         ds = _read_dataset(self.path, csv, row)
+        with _header_errors(self.path, csv, row):
+            self._open(ds, view, decoder, accept_modality)
+
+    def _open(self, ds, view: str | None, decoder: str, accept_modality: Iterable[str] | None) -> None:
+        csv, row = self.csv, self.row
+        self._syntax = _transfer_syntax(ds)
         self.shape = _check_header(ds, self.path, csv, row, need_pixels=True)
-        _check_kind(ds, "dbt", self.path, csv, row)
+        _check_kind(ds, "dbt", self.path, csv, row, accept_modality)
         if view is not None:
             view = view.strip()
             if not view or view[0].upper() not in ("L", "R"):
@@ -378,16 +605,15 @@ class DbtFrames:
         try:
             for index, frame in zip(indices, iter_pixels(self.path, indices=indices, decoding_plugin=self._plugin)):
                 if frame.shape != (rows, cols):
-                    raise _error(f"decoded frame {index} has shape {frame.shape}, header says {(rows, cols)}",
-                                 self.path, self.csv, self.row)
+                    raise _error(f"decoded frame {index} is {frame.shape[0]} x {frame.shape[-1]} but the DICOM header "
+                                 f"says Rows {rows}, Columns {cols}", self.path, self.csv, self.row)
                 yield index, frame
         except InputDataError:
             raise
         except MemoryError:
             raise _error("not enough memory to decode the pixel data", self.path, self.csv, self.row) from None
         except Exception as exc:  # noqa: BLE001 - decoders raise ValueError, RuntimeError, struct.error, ...
-            raise _error(f"corrupt or truncated DICOM ({type(exc).__name__}: {_one_line(exc)})", self.path, self.csv,
-                         self.row) from None
+            raise _error(decode_problem(exc, getattr(self, "_syntax", None)), self.path, self.csv, self.row) from None
 
     def _official(self, frame: np.ndarray) -> np.ndarray:
         if self.flipped:
@@ -435,9 +661,9 @@ def _window_lut(dtype: np.dtype, low: float, high: float) -> np.ndarray | None:
 
 
 def open_dbt(path: Path, view: str | None, *, row: int | None = None, csv: Path | None = None,
-             decoder: str = "auto") -> DbtFrames:
+             decoder: str = "auto", accept_modality: Iterable[str] | None = None) -> DbtFrames:
     """A DBT volume opened for frame-by-frame reading; see :class:`DbtFrames`."""
-    return DbtFrames(path, view, csv=csv, row=row, decoder=decoder)
+    return DbtFrames(path, view, csv=csv, row=row, decoder=decoder, accept_modality=accept_modality)
 
 
 def read_dbt_volume(path: Path, view: str, *, row: int | None = None, csv: Path | None = None) -> DbtVolume:
@@ -474,8 +700,6 @@ def _apply_voi_lut_sequence(values: np.ndarray, ds) -> np.ndarray | None:
 
 
 def _mammogram_from_dataset(ds, path: Path, csv: Path | None, row: int | None) -> np.ndarray:
-    from pydicom.pixels import apply_modality_lut, apply_windowing
-
     frames, _, _ = _check_header(ds, path, csv, row, need_pixels=True)
     if frames != 1:
         raise _error(f"has {frames} frames; a mammogram has one", path, csv, row)
@@ -489,20 +713,18 @@ def _mammogram_from_dataset(ds, path: Path, csv: Path | None, row: int | None) -
         pixels = pixels[0]
     if pixels.ndim != 2:
         raise _error(f"decoded pixel data has shape {pixels.shape}; a 2-D image is expected", path, csv, row)
-    try:
-        values = apply_modality_lut(pixels, ds)
-        # VOI LUT preferred over the window when both are present, as pydicom's apply_voi_lut does.
-        lut_output = _apply_voi_lut_sequence(values, ds)
-        if lut_output is not None:
-            values = lut_output
-        elif ds.get("WindowCenter", None) is not None and ds.get("WindowWidth", None) is not None:
-            values = apply_windowing(values, ds, index=0)
+    try:  # absurd slopes or windows overflow: numpy stays quiet, the finiteness check below says what is wrong
+        with np.errstate(all="ignore"):
+            values = _voi_output(pixels, ds)
     except Exception as exc:  # noqa: BLE001 - pydicom raises ValueError/TypeError/KeyError for bad LUTs
-        raise _error(f"invalid modality/VOI transform: {exc}", path, csv, row) from None
+        raise _error(f"invalid modality/VOI transform: {_one_line(exc)}", path, csv, row) from None
     values = np.asarray(values, dtype=np.float64)
     if not np.all(np.isfinite(values)):
         raise _error("pixel values are not finite after the modality/VOI transform", path, csv, row)
     low, high = float(values.min()), float(values.max())
+    if not math.isfinite(high - low):
+        raise _error(f"pixel values span an absurd range after the modality/VOI transform ({low:g} to {high:g})",
+                     path, csv, row)
     if high > low:
         image = ((values - low) / (high - low)).astype(np.float32)
     else:
@@ -512,17 +734,49 @@ def _mammogram_from_dataset(ds, path: Path, csv: Path | None, row: int | None) -
     return image
 
 
-def read_mammogram(path: Path, *, row: int | None = None, csv: Path | None = None) -> np.ndarray:
+def _voi_output(pixels: np.ndarray, ds) -> np.ndarray:
+    """Stored values through the modality LUT (rescale) and the VOI transform."""
+    from pydicom.pixels import apply_modality_lut, apply_windowing
+
+    values = apply_modality_lut(pixels, ds)
+    # VOI LUT preferred over the window when both are present, as pydicom's apply_voi_lut does.
+    lut_output = _apply_voi_lut_sequence(values, ds)
+    if lut_output is not None:
+        return lut_output
+    if ds.get("WindowCenter", None) is not None and ds.get("WindowWidth", None) is not None:
+        return apply_windowing(values, ds, index=0)
+    return values
+
+
+def read_mammogram(path: Path, *, row: int | None = None, csv: Path | None = None,
+                   accept_modality: Iterable[str] | None = None) -> np.ndarray:
     """(rows, cols) float32 in [0, 1], bright = dense tissue, in the stored frame (no flip).
 
     Normalisation is min-max after the VOI transform (windows saturate the background, so this is the window's
-    output range in practice; images without VOI are stretched to their own range).
+    output range in practice; images without VOI are stretched to their own range). ``accept_modality``: the
+    modalities the user vouches for (see :func:`_check_kind`).
     """
     path = Path(path)
     ds = _read_dataset(path, csv, row)
-    _check_header(ds, path, csv, row, need_pixels=True)
-    _check_kind(ds, "mammo", path, csv, row)
-    return _mammogram_from_dataset(ds, path, csv, row)
+    with _header_errors(path, csv, row):
+        _check_header(ds, path, csv, row, need_pixels=True)
+        _check_kind(ds, "mammo", path, csv, row, accept_modality)
+        return _mammogram_from_dataset(ds, path, csv, row)
+
+
+def read_mammo_header(path: Path, *, row: int | None = None, csv: Path | None = None,
+                      accept_modality: Iterable[str] | None = None) -> tuple[int, int, int]:
+    """(1, rows, cols) from the header only (no pixel decoding): the checks of :func:`read_dbt_header` for a
+    mammogram (absurd sizes such as Rows 0, a size that does not match the pixel data stored, SOP class and
+    Modality), so a bad header is blamed on the DICOM before any box is compared with it."""
+    path = Path(path)
+    ds, offset = _read(path, csv, row, header_only=True)
+    with _header_errors(path, csv, row):
+        _check_kind(ds, "mammo", path, csv, row, accept_modality)
+        frames, rows, cols = _check_header(ds, path, csv, row, need_pixels=False, offset=offset)
+        if frames != 1:
+            raise _error(f"has {frames} frames; a mammogram has one", path, csv, row)
+        return 1, rows, cols
 
 
 # -------------------------------------------------------------------------------------- any DICOM file
@@ -560,7 +814,9 @@ def view_from_dataset(ds) -> tuple[str, str]:
 def read_dicom_view(path: Path) -> str:
     """The view ('lcc', 'rmlo', ...) from the DICOM tags, or '' when laterality or position is unknown."""
     path = Path(path)
-    laterality, position = view_from_dataset(_read_dataset(path, None, None, header_only=True))
+    ds = _read_dataset(path, None, None, header_only=True)
+    with _header_errors(path, None, None):
+        laterality, position = view_from_dataset(ds)
     return laterality + position if laterality and position else ""
 
 
@@ -569,27 +825,33 @@ def _is_dbt(ds, frames: int) -> bool:
     return frames > 1 or sop == _BREAST_TOMO
 
 
-def open_dicom_image(path: Path, *, view: str | None = None, decoder: str = "auto") -> tuple[DbtFrames | np.ndarray, str]:
+def open_dicom_image(path: Path, *, view: str | None = None, decoder: str = "auto",
+                     accept_modality: Iterable[str] | None = None) -> tuple[DbtFrames | np.ndarray, str]:
     """Any DBT or mammography DICOM for ``comoto predict``: (image, kind).
 
     kind 'dbt': a :class:`DbtFrames` (frames decoded on demand) in the official frame; the view laterality comes
     from ``view`` when given, else ImageLaterality/Laterality/FrameLaterality; when unknown the pixel laterality
-    is used, so no flip. kind 'mammo': (rows, cols) float32 as :func:`read_mammogram`.
+    is used, so no flip. kind 'mammo': (rows, cols) float32 as :func:`read_mammogram`. ``accept_modality``: the
+    modalities the user vouches for.
     """
     path = Path(path)
+    accept_modality = _vouched(accept_modality)
     ds = _read_dataset(path, None, None)
-    frames, _, _ = _check_header(ds, path, None, None, need_pixels=True)
-    if _is_dbt(ds, frames):
-        _check_kind(ds, "dbt", path, None, None)
-        if not view:
-            laterality, position = view_from_dataset(ds)
-            view = laterality + position if laterality else None
-        return open_dbt(path, view, decoder=decoder), "dbt"
-    _check_kind(ds, "mammo", path, None, None)
-    return _mammogram_from_dataset(ds, path, None, None), "mammo"
+    with _header_errors(path, None, None):
+        frames, _, _ = _check_header(ds, path, None, None, need_pixels=True)
+        if _is_dbt(ds, frames):
+            _check_kind(ds, "dbt", path, None, None, accept_modality)
+            if not view:
+                laterality, position = view_from_dataset(ds)
+                view = laterality + position if laterality else None
+        else:
+            _check_kind(ds, "mammo", path, None, None, accept_modality)
+            return _mammogram_from_dataset(ds, path, None, None), "mammo"
+    return open_dbt(path, view, decoder=decoder, accept_modality=accept_modality), "dbt"
 
 
-def read_dicom_image(path: Path, *, view: str | None = None) -> tuple[np.ndarray, str]:
+def read_dicom_image(path: Path, *, view: str | None = None,
+                     accept_modality: Iterable[str] | None = None) -> tuple[np.ndarray, str]:
     """:func:`open_dicom_image` with a DBT volume read whole: (slices, rows, cols) float32."""
-    image, kind = open_dicom_image(path, view=view)
+    image, kind = open_dicom_image(path, view=view, accept_modality=accept_modality)
     return (image.read_all() if kind == "dbt" else image), kind

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+from comoto_cli.data.dicom_io import MAX_FRAMES, MAX_SIDE
 from comoto_cli.errors import InputDataError, UsageError
 from comoto_cli.preprocess.splits import SPLITS, release_name, split_csvs, split_of_file_name
 from comoto_cli.transforms.geometry import box_problem
@@ -192,7 +193,10 @@ def csv_paths(value: Path | str | Mapping | Sequence | None) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------------ numbers
-def _number(table: CsvTable, column: str, index: int, *, integer: bool = False, allow_empty: bool = False):
+def _number(table: CsvTable, column: str, index: int, *, integer: bool = False, allow_empty: bool = False,
+            limit: float | None = None):
+    """The cell as a float (int with ``integer``); ``limit``: the largest magnitude that makes sense (a pixel
+    coordinate, a slice count), checked here so a huge value never reaches the arithmetic that follows."""
     cell = table.columns[column][index].strip()
     if cell == "":
         if allow_empty:
@@ -204,11 +208,17 @@ def _number(table: CsvTable, column: str, index: int, *, integer: bool = False, 
         raise _BadRow(f"column {column!r} is not a number: {cell!r}") from None
     if not math.isfinite(value):
         raise _BadRow(f"column {column!r} is not finite: {cell!r}")
+    if limit is not None and abs(value) > limit:
+        raise _BadRow(f"column {column!r} is out of range: {_short(cell)} (at most {limit:g})")
     if integer:
         if value != round(value):
             raise _BadRow(f"column {column!r} is not an integer: {cell!r}")
         return int(value)
     return value
+
+
+def _short(cell: str, width: int = 40) -> str:
+    return repr(cell if len(cell) <= width else cell[:width] + "...")
 
 
 def check_box_in_image(box: LesionBox, rows: int, cols: int, num_slices: int) -> str | None:
@@ -228,7 +238,7 @@ def _xyxy_box(table: CsvTable, index: int, names: Sequence[str]) -> tuple[float,
         return None
     if any(cell == "" for cell in cells):
         raise _BadRow(f"box is partly empty ({', '.join(f'{n}={c!r}' for n, c in zip(names, cells))})")
-    xmin, ymin, xmax, ymax = (_number(table, name, index) for name in names)
+    xmin, ymin, xmax, ymax = (_number(table, name, index, limit=MAX_SIDE) for name in names)
     if xmin < 0 or ymin < 0:
         raise _BadRow(f"box has a negative coordinate ({xmin:g}, {ymin:g}, {xmax:g}, {ymax:g})")
     if xmin >= xmax or ymin >= ymax:
@@ -492,10 +502,11 @@ def discover_bcs_dbt(
                     continue  # the volume was already left out (and reported)
                 if box_source.setdefault(key, boxes.path) != boxes.path:
                     raise _BadRow(f"boxes for volume {'/'.join(key)} are in {box_source[key]} too")
-                slice_index = _number(boxes, "Slice", index, integer=True)
-                volume_slices = _number(boxes, "VolumeSlices", index, integer=True)
-                x, y = _number(boxes, "X", index), _number(boxes, "Y", index)
-                width, height = _number(boxes, "Width", index), _number(boxes, "Height", index)
+                slice_index = _number(boxes, "Slice", index, integer=True, limit=MAX_FRAMES)
+                volume_slices = _number(boxes, "VolumeSlices", index, integer=True, limit=MAX_FRAMES)
+                x, y = _number(boxes, "X", index, limit=MAX_SIDE), _number(boxes, "Y", index, limit=MAX_SIDE)
+                width = _number(boxes, "Width", index, limit=MAX_SIDE)
+                height = _number(boxes, "Height", index, limit=MAX_SIDE)
                 if volume_slices <= 0:
                     raise _BadRow(f"VolumeSlices {volume_slices} must be positive")
                 if not 0 <= slice_index < volume_slices:

@@ -27,6 +27,7 @@ import torch
 from comoto_cli.config import DistillConfig, InferenceConfig
 from comoto_cli.errors import UsageError
 from comoto_cli.utils.atomic import sha256_file
+from comoto_cli.utils.system import loader_workers
 
 KD_MODES = ("lesion", "image")
 TEACHER_MODES = ("lesion", "image", "pretrain")
@@ -69,6 +70,7 @@ def make_volume_val_fn(cache, inference: InferenceConfig, split: str = "val"):
         tables = DbtexTables(predictions=predictions, boxes=boxes, labels=labels)
         return {**score_dbtex(tables), "num_predictions": int(dbtex_counts(tables).get("predictions", 0))}
 
+    val_fn.size = len(cache.volumes_in_split(split))  # the trainer's val_every "auto" reads it
     return val_fn
 
 
@@ -153,7 +155,8 @@ def run_distill(config: DistillConfig, *, resume: bool = False, console=None) ->
     train_set = DetectionDataset(cache, "train", augment=config.augment, seed=config.seed, rows=rows)
     if len(train_set) == 0:
         raise UsageError("the train split has no slices", path=config.cache)
-    val_fn = make_volume_val_fn(cache, InferenceConfig(batch_size=config.val_batch_size))
+    val_fn = make_volume_val_fn(cache, InferenceConfig(batch_size=config.val_batch_size,
+                                                       num_workers=config.num_workers))
 
     env = distributed.init_distributed()
     try:
@@ -169,7 +172,7 @@ def run_distill(config: DistillConfig, *, resume: bool = False, console=None) ->
         if teacher is not None:
             model.load_state_dict(teacher.state_dict())
 
-        extra_loss, extra_modules, teacher_info = None, {}, {}
+        extra_loss, extra_modules, teacher_info, loader_share = None, {}, {}, 1
         if config.mode in KD_MODES:
             mammo = SliceCache(config.teacher_cache)
             if mammo.modality != "mammo":
@@ -185,8 +188,12 @@ def run_distill(config: DistillConfig, *, resume: bool = False, console=None) ->
                 parameter.requires_grad_(False)
             mammo_set = DetectionDataset(mammo, "train", augment=None, lesions_only=config.mode == "lesion")
             # Each rank draws its own stream of unpaired mammography batches.
+            # Its own loader workers (half the automatic count; the DBT loader has the other half).
             teacher_batches = infinite_batches(mammo_set, batch_size=config.batch_size,
-                                               seed=config.seed + 7919 * (env.rank + 1))
+                                               seed=config.seed + 7919 * (env.rank + 1),
+                                               num_workers=loader_workers(config.num_workers, env.device.type, 2),
+                                               pin_memory=env.device.type == "cuda")
+            loader_share = 2
             if config.mode == "lesion":
                 extra_modules = {"projection": PointProjection(config.num_points)}
                 extra_loss = make_lesion_kd_loss(config, teacher, teacher_batches, student_size, teacher_size)
@@ -218,7 +225,7 @@ def run_distill(config: DistillConfig, *, resume: bool = False, console=None) ->
                 f"device {env.device}")
         summary = train(config, model=model, train_set=train_set, val_fn=val_fn, run_dir=out,
                         extra_loss=extra_loss, extra_modules=extra_modules, resume=resume, metadata=metadata,
-                        dist_env=env, console=console)
+                        dist_env=env, console=console, loader_share=loader_share)
     finally:
         distributed.cleanup(env)
     if env.is_main:

@@ -85,7 +85,8 @@ def run_train_teacher(config: TeacherConfig, *, resume: bool = False) -> dict:
                           f"ImPA {'on' if config.impa else 'off'}, device {env.device}"
                           + (f", {env.world_size} processes" if env.enabled else ""))
         summary = train(
-            config, model=model, train_set=train_set, val_fn=make_val_fn(val_set, batch_size=config.val_batch_size),
+            config, model=model, train_set=train_set, val_fn=make_val_fn(val_set, batch_size=config.val_batch_size,
+                                                                    num_workers=config.num_workers),
             run_dir=out, extra_loss=make_impa_loss(config, image_size) if config.impa else None,
             resume=resume, metadata=metadata, dist_env=env, console=console,
         )

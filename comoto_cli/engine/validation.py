@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from comoto_cli.engine.datasets import DetectionDataset, make_loader
+from comoto_cli.utils.system import loader_workers
 
 FPS_PER_IMAGE = (1, 2, 3, 4)
 COCO_IOU_LIST = (0.1, 0.5)
@@ -27,8 +28,8 @@ METRIC_NAMES = (
 
 
 @torch.no_grad()
-def predict_images(model, dataset: DetectionDataset, *, batch_size: int = 16,
-                   device: torch.device | None = None) -> list[dict[str, np.ndarray]]:
+def predict_images(model, dataset: DetectionDataset, *, batch_size: int = 16, device: torch.device | None = None,
+                   num_workers: int | str = "auto") -> list[dict[str, np.ndarray]]:
     """``model.predict`` over every image of ``dataset`` (in order) in eval mode; the model's previous
     train/eval mode is restored. Returns per image ``{"boxes": (n, 4), "scores": (n,)}`` numpy arrays."""
     if device is None:
@@ -37,7 +38,8 @@ def predict_images(model, dataset: DetectionDataset, *, batch_size: int = 16,
     model.eval()
     predictions: list[dict[str, np.ndarray]] = []
     try:
-        loader = make_loader(dataset, batch_size=batch_size, num_workers=0, shuffle=False)
+        workers = loader_workers(num_workers, torch.device(device).type)
+        loader = make_loader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
         for batch in loader:
             outputs = model.predict(batch["images"].to(device))
             for output in outputs:
@@ -106,16 +108,19 @@ def _finite_or_none(value) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def validate(model, dataset: DetectionDataset, *, batch_size: int = 16) -> dict:
+def validate(model, dataset: DetectionDataset, *, batch_size: int = 16, num_workers: int | str = "auto") -> dict:
     """Predict every image of ``dataset`` and score it (:func:`detection_metrics`)."""
-    predictions = predict_images(model, dataset, batch_size=batch_size)
+    predictions = predict_images(model, dataset, batch_size=batch_size, num_workers=num_workers)
     return detection_metrics(predictions, ground_truth_boxes(dataset))
 
 
-def make_val_fn(dataset: DetectionDataset, *, batch_size: int = 16) -> Callable[[torch.nn.Module], dict]:
-    """The trainer's ``val_fn``: model -> metrics dict (see :data:`METRIC_NAMES`)."""
+def make_val_fn(dataset: DetectionDataset, *, batch_size: int = 16,
+                num_workers: int | str = "auto") -> Callable[[torch.nn.Module], dict]:
+    """The trainer's ``val_fn``: model -> metrics dict (see :data:`METRIC_NAMES`); ``val_fn.size`` is the number
+    of images it validates (the trainer's ``val_every: auto`` reads it)."""
 
     def val_fn(model: torch.nn.Module) -> dict:
-        return validate(model, dataset, batch_size=batch_size)
+        return validate(model, dataset, batch_size=batch_size, num_workers=num_workers)
 
+    val_fn.size = len(dataset)
     return val_fn

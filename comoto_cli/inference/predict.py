@@ -211,30 +211,21 @@ class _InputErrors:
         return False
 
 
-def open_input(path: Path):
+def open_input(path: Path, accept_modality: tuple[str, ...] = ()):
     """``(image, kind)`` of one input without decoding a DBT volume's pixels: for 'dbt' a :class:`DbtFrames`
     (frames decoded on demand), for 'mammo' a (rows, cols) float32 array; every failure is one line naming the
     file."""
     from comoto_cli.data.dicom_io import open_dicom_image
 
     with _InputErrors(path, broad=True):
-        image, kind = open_dicom_image(path)
+        image, kind = open_dicom_image(path, accept_modality=accept_modality)
     return (image if kind == "dbt" else np.asarray(image)), str(kind)
 
 
-def read_input(path: Path) -> tuple[np.ndarray, str]:
-    """``read_dicom_image`` (a DBT volume read whole) with every failure turned into one line naming the file.
-    ``predict`` itself streams through :func:`open_input`; this is for callers that want the array."""
-    from comoto_cli.data.dicom_io import read_dicom_image
-
-    with _InputErrors(path, broad=True):
-        image, kind = read_dicom_image(path)
-    return np.asarray(image), str(kind)
-
-
 def predict_inputs(model, paths: list[Path], config: InferenceConfig, device, *, overlays: Path | None = None,
-                   progress: bool = True) -> list[InputPrediction]:
-    """Predict every input; with ``overlays`` write one PNG per input there as it goes."""
+                   progress: bool = True, accept_modality: tuple[str, ...] = ()) -> list[InputPrediction]:
+    """Predict every input; with ``overlays`` write one PNG per input there as it goes. ``accept_modality``:
+    modalities the user vouches for (``--accept-modality``)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     results: list[InputPrediction] = []
@@ -245,7 +236,7 @@ def predict_inputs(model, paths: list[Path], config: InferenceConfig, device, *,
         task = bar.add_task("", total=len(paths))
         for index, path in enumerate(paths):
             bar.update(task, description=path.name)
-            image, kind = open_input(path)
+            image, kind = open_input(path, accept_modality)
             keys = dicom_keys(path)
             if kind not in ("dbt", "mammo"):
                 raise InputDataError(f"unsupported image kind {kind!r}", path=path)
@@ -382,7 +373,7 @@ def run_predict(config: PredictConfig, progress: bool = True) -> tuple[list[dict
     if config.overlays is not None:
         ensure_writable_dir(config.overlays)
     results = predict_inputs(model, paths, config.inference, pick_device(), overlays=config.overlays,
-                             progress=progress)
+                             progress=progress, accept_modality=tuple(config.accept_modality))
     table = records(results)
     write_output(config.out, table, config.format)
     return table, len(paths)

@@ -50,6 +50,7 @@ from comoto_cli.preprocess.resize import resize_area
 from comoto_cli.preprocess.splits import assign_splits, merge_dataset_split
 from comoto_cli.transforms.geometry import official_to_cache
 from comoto_cli.utils.atomic import atomic_path, ensure_writable_dir, sha256_file
+from comoto_cli.utils.system import available_memory_bytes, usable_cores
 
 # Bump when the stored content changes for the same config and inputs (invalidates old parts and caches).
 PIPELINE_VERSION = 1
@@ -102,6 +103,7 @@ class VolumeTask:
     part: Path
     compression_level: int = 4
     decoder: str = "auto"
+    accept_modality: tuple[str, ...] = ()  # mammograms: modalities the user vouches for (--accept-modality)
 
 
 @dataclass
@@ -149,7 +151,7 @@ def _read_source(task: VolumeTask):
         if shape == tuple(task.expected_shape):
             return shape, bool(source.flipped), source.frames(task.slices)
     else:
-        image = dicom_io.read_mammogram(task.path, row=task.row, csv=task.csv)
+        image = dicom_io.read_mammogram(task.path, row=task.row, csv=task.csv, accept_modality=task.accept_modality)
         shape = (1, *image.shape)
         if shape == tuple(task.expected_shape):
             return shape, False, iter([(0, image)])
@@ -200,18 +202,6 @@ def _relative(root: Path, path: Path) -> str:
         return Path(path).resolve().relative_to(root.resolve()).as_posix()
     except ValueError:
         return str(path)
-
-
-def _mammo_header(path: Path, csv: Path, row: int) -> tuple[int, int, int]:
-    import pydicom
-
-    try:
-        dataset = pydicom.dcmread(path, stop_before_pixels=True)
-        return 1, int(dataset.Rows), int(dataset.Columns)
-    except FileNotFoundError:
-        raise InputDataError(f"DICOM file not found (listed in {csv}, row {row})", path=path) from None
-    except Exception as exc:  # pydicom raises many types for a broken file
-        raise InputDataError(f"not a readable DICOM header ({type(exc).__name__}: {exc})", path=path) from None
 
 
 def _is_normal(record) -> bool:
@@ -299,13 +289,13 @@ def _discover(root: Path, config: PreprocessConfig, skipped: list[dict] | None):
                                   skipped=skipped)
 
 
-def _header(root: Path, record, modality: str) -> tuple[int, int, int]:
+def _header(root: Path, record, config: PreprocessConfig) -> tuple[int, int, int]:
     from comoto_cli.data import dicom_io
 
     path = _resolve(root, record.path)
-    if modality == "dbt":
+    if config.modality == "dbt":
         return tuple(int(v) for v in dicom_io.read_dbt_header(path))
-    return _mammo_header(path, record.csv, record.row)
+    return dicom_io.read_mammo_header(path, accept_modality=config.accept_modality)
 
 
 def _fail_or_skip(skipped: list[dict] | None, path, row, reason: str) -> None:
@@ -337,40 +327,6 @@ WORKER_BYTES_PER_PIXEL = 48
 def worker_memory_bytes(frame_pixels: int) -> int:
     """Upper bound on one preprocess worker's peak memory for frames of ``frame_pixels`` pixels."""
     return WORKER_BASE_BYTES + WORKER_BYTES_PER_PIXEL * int(frame_pixels)
-
-
-def _read_int(path: str) -> int | None:
-    try:
-        text = Path(path).read_text().split()[0]
-    except (OSError, IndexError):
-        return None
-    return int(text) if text.isdigit() else None
-
-
-def available_memory_bytes() -> int | None:
-    """Memory this process may still use: the kernel's MemAvailable, capped by a cgroup limit (a SLURM job, a
-    container) when one is set. None where neither can be read."""
-    candidates = []
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                candidates.append(int(line.split()[1]) * 1024)
-    except (OSError, ValueError, IndexError):
-        pass
-    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        cap, used = _read_int(limit), _read_int(usage)
-        if cap is not None and used is not None and cap < 2**60:
-            candidates.append(max(cap - used, 0))
-    return min(candidates) if candidates else None
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (a SLURM allocation or taskset restricts them), not the machine's count."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def _worker_count(config: PreprocessConfig, tasks: list[VolumeTask]) -> int:
@@ -449,7 +405,7 @@ def preprocess(root: Path, out: Path, config: PreprocessConfig, *, shard: tuple[
 
     for record in records:
         try:
-            shape = _header(root, record, modality)
+            shape = _header(root, record, config)
         except InputDataError as exc:
             reason = exc.reason
             if exc.row is None and str(record.csv) not in reason:
@@ -536,7 +492,7 @@ def preprocess(root: Path, out: Path, config: PreprocessConfig, *, shard: tuple[
                                           Path(planned.record.csv), int(planned.record.row), planned.slices,
                                           planned.shape, config.image_height, config.image_width,
                                           parts_dir / _part_name(planned, root, config.image_height, config.image_width),
-                                          config.compression_level, config.decoder)
+                                          config.compression_level, config.decoder, tuple(config.accept_modality))
             with atomic_path(out) as temporary:
                 settings = {"modality": modality, "image_height": config.image_height,
                             "image_width": config.image_width, "config_json": config_json(config),

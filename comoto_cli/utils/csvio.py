@@ -16,6 +16,8 @@ import numpy as np
 
 from comoto_cli.errors import InputDataError
 
+MAX_EXACT_INT = 2**53  # the largest integer range a float64 (how cells are parsed) holds exactly
+
 
 @dataclass
 class CsvTable:
@@ -58,6 +60,11 @@ class CsvTable:
             raise InputDataError(
                 f"column {name!r} is not an integer: {self.columns[name][bad[0]]!r}", path=self.path, row=self.rows[bad[0]]
             )
+        huge = np.flatnonzero(np.abs(values) > MAX_EXACT_INT)  # beyond this, floats skip integers (and int64 ends)
+        if huge.size:
+            cell = self.columns[name][huge[0]]
+            raise InputDataError(f"column {name!r} is out of range: {cell[:40]!r}", path=self.path,
+                                 row=self.rows[huge[0]])
         return values.astype(np.int64)
 
 
