@@ -30,6 +30,17 @@ from comoto_cli.errors import InputDataError
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+def _gdcm_whole_file(path: Path, like: np.ndarray) -> np.ndarray:
+    """The pixels as GDCM's own whole-file reader decodes them, shaped and typed like ``like``."""
+    import gdcm
+
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(path))
+    assert reader.Read()
+    buffer = reader.GetImage().GetBuffer().encode("utf-8", "surrogateescape")
+    return np.frombuffer(buffer, dtype=like.dtype).reshape(like.shape)
+
+
 # ------------------------------------------------------------------------------------------------ builders
 def _mammogram(path: Path, pixels: np.ndarray, bits: int = 12) -> Path:
     """An uncompressed Digital Mammography (For Presentation) file, Modality MG."""
@@ -115,7 +126,6 @@ def test_12_bit_jpeg_extended_decodes_with_gdcm(name):
     """pydicom's own GDCM plugin refuses 12-bit JPEG Extended and Pillow cannot: ours decodes it, equal to GDCM's
     whole-file reader. JPEG-lossy.dcm (pydicom's test file) has the start-of-scan Se=0 that strict decoders refuse,
     like the real MG1_JPLY mammogram."""
-    import gdcm
     from pydicom.data import get_testdata_file
 
     path = get_testdata_file(name)
@@ -123,11 +133,7 @@ def test_12_bit_jpeg_extended_decodes_with_gdcm(name):
     ds = pydicom.dcmread(path)
     assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.51" and ds.BitsStored == 12
     got = pixel_array(path)
-    reader = gdcm.ImageReader()
-    reader.SetFileName(str(path))
-    assert reader.Read()
-    whole = np.frombuffer(reader.GetImage().GetBuffer().encode("utf-8", "surrogateescape"), dtype=got.dtype)
-    np.testing.assert_array_equal(got, whole.reshape(got.shape))
+    np.testing.assert_array_equal(got, _gdcm_whole_file(path, got))
     assert 0 < got.max() < 4096
 
 
@@ -245,7 +251,6 @@ def _voi_min_max(pixels: np.ndarray, ds) -> np.ndarray:
 
 
 def test_real_mammograms_decode_as_pydicom_and_gdcm_do(real):
-    import gdcm
 
     j2k, jply = real / "MG1_J2KI.dcm", real / "MG1_JPLY.dcm"
     decoders.register()
@@ -258,11 +263,7 @@ def test_real_mammograms_decode_as_pydicom_and_gdcm_do(real):
     # 12-bit JPEG Extended: pydicom's own plugins refuse it (and the stream's Se=0 stops a strict decoder);
     # ours is GDCM's decoding, bit for bit as GDCM's whole-file reader gives it.
     raw_jply = pixel_array(jply)
-    reader = gdcm.ImageReader()
-    reader.SetFileName(str(jply))
-    assert reader.Read()
-    whole = np.frombuffer(reader.GetImage().GetBuffer().encode("utf-8", "surrogateescape"), dtype=np.uint16)
-    np.testing.assert_array_equal(raw_jply, whole.reshape(raw_jply.shape))
+    np.testing.assert_array_equal(raw_jply, _gdcm_whole_file(jply, raw_jply))
     # Two lossy encodings of one mammogram: the same picture within the codecs' loss.
     difference = np.abs(raw_jply.astype(np.int32) - raw_j2k.astype(np.int32))
     assert difference.mean() < 0.01 * 4095 and np.corrcoef(raw_jply.ravel(), raw_j2k.ravel())[0, 1] > 0.999

@@ -766,3 +766,12 @@ def test_accept_modality_vouches_only_for_generic_x_ray_classes(tmp_path):
                       modality="OT")
     _raises(lambda: read_dicom_image(volume), volume, "SOP class")
     assert read_dicom_image(volume, accept_modality=["OT"])[1] == "dbt"
+
+
+def test_header_checks_leave_the_pixel_data_unread(tmp_path):
+    """The size check reads the pixel data element's stored length only: reading the value would load a whole
+    uncompressed volume (628 MB at BCS-DBT size) just to open it."""
+    path = make_dbt(tmp_path / "v.dcm", breast_volume(slices=4), 2048, 4096)
+    ds = pydicom.dcmread(path, defer_size=64)
+    assert dicom_io._check_header(ds, path, None, None, need_pixels=True) == (4, 12, 10)
+    assert ds.get_item("PixelData", keep_deferred=True).value is None

@@ -213,7 +213,9 @@ def _check_header(
     if offset is not None:
         problem = _stored_size_problem(path, ds, offset, frames, rows, cols)
     else:
-        element = ds.get_item("PixelData") if need_pixels and "PixelData" in ds else None
+        # keep_deferred: the element's stored length without reading the (deferred) pixel data, which is the
+        # whole volume for uncompressed data.
+        element = ds.get_item("PixelData", keep_deferred=True) if need_pixels and "PixelData" in ds else None
         length = getattr(element, "length", None)  # a raw (not yet decoded) element knows its stored length
         problem = _native_size_problem(length, ds, frames, rows, cols) if length not in (None, 0xFFFFFFFF) else None
     if problem is not None:
