@@ -15,6 +15,7 @@ from comoto_cli.data.sources import discover_bcs_dbt, find_split_csvs
 from comoto_cli.errors import InputDataError, UsageError
 from comoto_cli.preprocess.pipeline import preprocess
 from comoto_cli.preprocess.splits import assign_splits, split_csvs, split_of_file_name
+from tests.bad_inputs import write_rows
 from tests.conftest import TINY_CACHE_SIZE
 
 # The tiny synthetic set has 5 patients (8 volumes); lesions in P1, P3, P4. The official split, by patient:
@@ -32,10 +33,7 @@ def _rows(path: Path) -> tuple[list[str], list[list[str]]]:
 
 def _write(path: Path, header: list[str], rows: list[list[str]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
+    write_rows(path, [header, *rows])
     return path
 
 
