@@ -36,7 +36,7 @@ def run(dbt_cache: Path, mammo_cache: Path, model: dict, *, batch_size: int = 8,
     import torch
 
     from comoto_cli.config import DistillConfig
-    from comoto_cli.engine.datasets import DetectionDataset, infinite_batches, move_batch
+    from comoto_cli.data.datasets import DetectionDataset, infinite_batches, move_batch
     from comoto_cli.engine.distill import make_lesion_kd_loss
     from comoto_cli.engine.trainer import StepContext, TrainStep, build_optimizer, seed_everything, step_generator
     from comoto_cli.losses import PointProjection

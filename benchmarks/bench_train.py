@@ -47,7 +47,7 @@ def run(cache_path=None, *, steps: int = 20, warmup: int = 3, batch_size: int = 
     import torch
 
     from comoto_cli.config import TeacherConfig
-    from comoto_cli.engine.datasets import DetectionDataset, infinite_batches, move_batch
+    from comoto_cli.data.datasets import DetectionDataset, infinite_batches, move_batch
     from comoto_cli.engine.teacher import make_impa_loss
     from comoto_cli.engine.trainer import (
         StepContext,

@@ -53,7 +53,7 @@ def _child(kind: str, path: str, view: str, frames: list[int] | None, decoder: s
 
     from comoto_cli.data.dicom_io import plugin_for
     from comoto_cli.preprocess.pipeline import VolumeTask, process_volume
-    from comoto_cli.preprocess.resize import resize_area
+    from comoto_cli.transforms.resize import resize_area
 
     # A preprocess worker lives for many volumes: its one-time costs (imports, loading the compiled resize
     # kernels) are paid before the clock starts, so the time is what one more volume costs.
@@ -153,7 +153,7 @@ def bench_predict(root: Path, work: Path) -> dict:
     import torch
 
     from comoto_cli.config import ModelConfig
-    from comoto_cli.engine.checkpoint import save_checkpoint
+    from comoto_cli.networks.checkpoint import save_checkpoint
     from comoto_cli.networks.detector import build_detector
 
     checkpoint = work / "default.pt"
@@ -192,7 +192,7 @@ def bench_loader(work: Path, rounds: int) -> dict:
 
     from comoto_cli.cache.h5cache import CacheWriter, StoredSlices, VolumeRecord
     from comoto_cli.config import AugmentConfig
-    from comoto_cli.engine.datasets import DetectionDataset, make_loader, make_sampler
+    from comoto_cli.data.datasets import DetectionDataset, make_loader, make_sampler
     from comoto_cli.utils.system import usable_cores
 
     cache = work / "loader.h5"

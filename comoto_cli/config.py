@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from comoto_cli.errors import UsageError
+from comoto_cli.utils.split_names import split_csvs
 
 
 class StrictModel(BaseModel):
@@ -112,8 +113,6 @@ class PreprocessConfig(StrictModel):
         """A path, 'SPLIT=PATH', a list of those or {SPLIT: PATH} -> one path or {train|val|test: path}."""
         if value is None:
             return None
-        from comoto_cli.preprocess.splits import split_csvs  # imports this module: not at the top
-
         normal = split_csvs(value)  # strings back: JSON-mode validation takes no Path objects
         if isinstance(normal, dict):
             return {split: str(path) for split, path in normal.items()}

@@ -18,8 +18,14 @@ from pathlib import Path
 import numpy as np
 
 from comoto_cli.config import DistillConfig, EvaluateConfig, ExperimentConfig, InferenceConfig, TeacherConfig
+from comoto_cli.engine.distill import run_distill
+from comoto_cli.engine.teacher import run_train_teacher
 from comoto_cli.errors import UsageError
-from comoto_cli.utils.atomic import ensure_writable_dir, write_json_atomic, write_text_atomic
+from comoto_cli.evaluation.evaluate_checkpoint import evaluate_checkpoint
+from comoto_cli.preprocess.pipeline import preprocess
+from comoto_cli.synth import generate_dataset
+from comoto_cli.utils.atomic import atomic_path, ensure_writable_dir, write_json_atomic, write_text_atomic
+from comoto_cli.utils.csvio import write_csv_atomic
 
 # Two-sided 95 % Student-t quantiles for n - 1 degrees of freedom (n seeds), to avoid a scipy dependency.
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -48,13 +54,11 @@ def _say(console, text: str) -> None:
 
 
 def _prepare_data(config: ExperimentConfig, console) -> tuple[Path, Path]:
-    from comoto_cli.preprocess.pipeline import preprocess
 
     out = config.out
     if config.synth is not None:
         data = out / "data"
         if not (data / "dbt").is_dir():
-            from comoto_cli.synth import generate_dataset
 
             _say(console, f"experiment: synthetic dataset ({config.synth.size}, seed {config.synth.seed}) -> {data}")
             generate_dataset(data, config.synth)
@@ -71,7 +75,6 @@ def _prepare_data(config: ExperimentConfig, console) -> tuple[Path, Path]:
 
 
 def _train_teacher(config: ExperimentConfig, mammo_cache: Path, impa: bool, console) -> Path:
-    from comoto_cli.engine.teacher import run_train_teacher
 
     run = config.out / "teachers" / ("impa" if impa else "plain")
     if (run / "best.pt").exists() and not (run / "last.pt").exists():
@@ -92,8 +95,6 @@ def _run_name(method: str, ratio: float, seed: int) -> str:
 
 def _student(config: ExperimentConfig, method: str, ratio: float, seed: int, dbt_cache: Path, mammo_cache: Path,
              teachers: dict[bool, Path], console) -> dict:
-    from comoto_cli.engine.distill import run_distill
-    from comoto_cli.inference.evaluate_checkpoint import evaluate_checkpoint
 
     name = _run_name(method, ratio, seed)
     run = config.out / "students" / name
@@ -167,7 +168,6 @@ def _plot(path: Path, rows: list[dict], records: list[dict], config: ExperimentC
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from comoto_cli.utils.atomic import atomic_path
 
     figure, axis = plt.subplots(figsize=(8, 5))
     width = 0.8 / max(len(config.methods), 1)
@@ -196,7 +196,6 @@ def _plot(path: Path, rows: list[dict], records: list[dict], config: ExperimentC
 
 def run_experiment(config: ExperimentConfig, console=None) -> list[dict]:
     """Run (or finish) every run of the experiment and write the results table; returns its rows."""
-    from comoto_cli.utils.csvio import write_csv_atomic
 
     started = time.perf_counter()
     ensure_writable_dir(config.out)

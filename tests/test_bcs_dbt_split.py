@@ -12,9 +12,10 @@ import pytest
 from comoto_cli.cache.h5cache import SliceCache
 from comoto_cli.config import PreprocessConfig, SplitConfig, load_config
 from comoto_cli.data.sources import discover_bcs_dbt, find_split_csvs
+from comoto_cli.data.splits import assign_splits
 from comoto_cli.errors import InputDataError, UsageError
 from comoto_cli.preprocess.pipeline import preprocess
-from comoto_cli.preprocess.splits import assign_splits, split_csvs, split_of_file_name
+from comoto_cli.utils.split_names import split_csvs, split_of_file_name
 from tests.bad_inputs import write_rows
 from tests.conftest import TINY_CACHE_SIZE
 

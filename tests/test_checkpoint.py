@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from comoto_cli.config import ModelConfig
-from comoto_cli.engine.checkpoint import (
+from comoto_cli.errors import CheckpointError
+from comoto_cli.networks.checkpoint import (
     capture_rng_state,
     load_checkpoint,
     load_detector,
     restore_rng_state,
     save_checkpoint,
 )
-from comoto_cli.errors import CheckpointError
 from comoto_cli.networks.detector import build_detector
 
 SIZE = (64, 64)

@@ -514,7 +514,7 @@ def test_cli_no_froc_writes_no_figure(tmp_path):
 def test_cli_checkpoint_branch_without_its_module_is_a_usage_error(tmp_path, capsys, monkeypatch):
     import sys
 
-    monkeypatch.setitem(sys.modules, "comoto_cli.inference.evaluate_checkpoint", None)  # import now fails
+    monkeypatch.setitem(sys.modules, "comoto_cli.evaluation.evaluate_checkpoint", None)  # import now fails
     code = _run_cli(["evaluate", "--checkpoint", str(tmp_path / "c.pt"), "--cache", str(tmp_path / "c.h5"),
                      "--out", str(tmp_path / "o")])
     assert code == 2

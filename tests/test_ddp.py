@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent(
     from comoto_cli.config import TeacherConfig
     from comoto_cli.engine.teacher import make_impa_loss
     from comoto_cli.engine import distributed
-    from comoto_cli.engine.datasets import DetectionDataset
+    from comoto_cli.data.datasets import DetectionDataset
     from comoto_cli.engine.trainer import seed_everything, train
     from comoto_cli.networks.detector import build_detector
 

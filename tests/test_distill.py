@@ -39,19 +39,19 @@ def _history(run: Path) -> list[dict]:
 
 @pytest.mark.parametrize("mode", ["lesion", "image", "pretrain", "none"])
 def test_every_mode_trains_and_logs_its_losses(tmp_path, tiny_caches, tiny_teacher, mode, monkeypatch):
-    from comoto_cli.engine import trainer
-    from comoto_cli.engine.checkpoint import load_checkpoint, load_detector
+    from comoto_cli.engine import distill
+    from comoto_cli.networks.checkpoint import load_checkpoint, load_detector
 
     teacher_hash = _sha256(tiny_teacher)
     teacher_state = {k: v.clone() for k, v in load_checkpoint(tiny_teacher)["model_state"].items()}
     initial: dict[str, torch.Tensor] = {}  # the student's weights as training starts
-    real_train = trainer.train
+    real_train = distill.train
 
     def recording_train(*args, **kwargs):
         initial.update({k: v.detach().clone() for k, v in kwargs["model"].state_dict().items()})
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "train", recording_train)
+    monkeypatch.setattr(distill, "train", recording_train)
     out = tmp_path / mode
     summary = run_distill(_config(tiny_caches, tiny_teacher, out, mode))
     history = _history(out)
@@ -139,7 +139,7 @@ def test_kill_and_resume(tmp_path, tiny_caches, tiny_teacher):
     process.wait()
     assert running and process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert (out / "last.pt").exists(), "the run should have finished at least one epoch before the kill"
-    from comoto_cli.engine.checkpoint import load_checkpoint
+    from comoto_cli.networks.checkpoint import load_checkpoint
 
     killed_at = load_checkpoint(out / "last.pt")["metadata"]["epoch"]
     assert 1 <= killed_at < 4, f"last.pt says epoch {killed_at} at the kill: not mid-run"

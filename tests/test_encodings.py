@@ -274,7 +274,7 @@ def test_real_mammograms_decode_as_pydicom_and_gdcm_do(real):
 def test_real_mammograms_through_preprocess_manifest(real, tmp_path, capfd, monkeypatch):
     """Refused by default (Secondary Capture, Modality RG) with one line naming the flag; with --accept-modality RG
     both are cached, each image equal to pydicom's / GDCM's decoding through the same window and resize."""
-    from comoto_cli.preprocess.resize import resize_area
+    from comoto_cli.transforms.resize import resize_area
 
     monkeypatch.delenv("COMOTO_DEBUG", raising=False)
     _manifest(real, "MG1_J2KI.dcm", "MG1_JPLY.dcm")

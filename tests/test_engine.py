@@ -57,7 +57,7 @@ def tiny_cache(tmp_path_factory) -> Path:
 
 # ------------------------------------------------------------------------------------------------ datasets
 def test_augmentation_keeps_boxes_on_the_lesion(tiny_cache):
-    from comoto_cli.engine.datasets import DetectionDataset
+    from comoto_cli.data.datasets import DetectionDataset
 
     augment = AugmentConfig(horizontal_flip=0.5, vertical_flip=0.5, intensity_jitter=0.0)
     dataset = DetectionDataset(tiny_cache, "train", augment=augment, seed=3)
@@ -84,7 +84,7 @@ def test_augmentation_keeps_boxes_on_the_lesion(tiny_cache):
 
 
 def test_augmentation_is_a_function_of_seed_epoch_index(tiny_cache):
-    from comoto_cli.engine.datasets import DetectionDataset
+    from comoto_cli.data.datasets import DetectionDataset
 
     first = DetectionDataset(tiny_cache, "train", augment=AugmentConfig(), seed=1)
     second = DetectionDataset(tiny_cache, "train", augment=AugmentConfig(), seed=1)
@@ -102,7 +102,7 @@ def test_augmentation_is_a_function_of_seed_epoch_index(tiny_cache):
 
 
 def test_collate_and_lesions_only(tiny_cache):
-    from comoto_cli.engine.datasets import DetectionDataset, collate_detection
+    from comoto_cli.data.datasets import DetectionDataset, collate_detection
 
     dataset = DetectionDataset(tiny_cache, "train")
     batch = collate_detection([dataset[i] for i in range(4)])
@@ -115,7 +115,7 @@ def test_collate_and_lesions_only(tiny_cache):
 
 
 def test_worker_processes_load_the_same_batches(tiny_cache):
-    from comoto_cli.engine.datasets import DetectionDataset, make_loader, make_sampler
+    from comoto_cli.data.datasets import DetectionDataset, make_loader, make_sampler
 
     dataset = DetectionDataset(tiny_cache, "train", augment=AugmentConfig(), seed=2)
     dataset.set_epoch(1)
@@ -133,7 +133,7 @@ def test_worker_processes_load_the_same_batches(tiny_cache):
 
 
 def test_sampler_is_seeded_and_splits_ranks(tiny_cache):
-    from comoto_cli.engine.datasets import DetectionDataset, make_sampler
+    from comoto_cli.data.datasets import DetectionDataset, make_sampler
 
     dataset = DetectionDataset(tiny_cache, "train")
     one = make_sampler(dataset, seed=5)
@@ -150,7 +150,7 @@ def test_sampler_is_seeded_and_splits_ranks(tiny_cache):
 
 
 def test_infinite_batches_cycles_past_one_pass(tiny_cache):
-    from comoto_cli.engine.datasets import DetectionDataset, infinite_batches
+    from comoto_cli.data.datasets import DetectionDataset, infinite_batches
 
     dataset = DetectionDataset(tiny_cache, "train", lesions_only=True)
     stream = infinite_batches(dataset, batch_size=4, seed=0)
@@ -164,7 +164,7 @@ def test_infinite_batches_cycles_past_one_pass(tiny_cache):
 
 # ------------------------------------------------------------------------------------------------ validation
 def test_detection_metrics_perfect_and_empty():
-    from comoto_cli.engine.validation import detection_metrics
+    from comoto_cli.evaluation.validation import detection_metrics
 
     truth = [np.array([[10.0, 10.0, 20.0, 20.0]]), np.zeros((0, 4)), np.array([[30.0, 30.0, 40.0, 44.0]])]
     perfect = [{"boxes": g.copy(), "scores": np.full(len(g), 0.9)} for g in truth]
@@ -181,7 +181,7 @@ def test_detection_metrics_perfect_and_empty():
 
 # ------------------------------------------------------------------------------------------------ the loop
 def _run(tmp_path: Path, cache: Path, name: str, *, config: TrainConfig, extra: bool = True, resume=False):
-    from comoto_cli.engine.datasets import DetectionDataset
+    from comoto_cli.data.datasets import DetectionDataset
     from comoto_cli.engine.trainer import seed_everything, train
     from comoto_cli.networks.detector import build_detector
 
@@ -213,7 +213,7 @@ def _without_time(history):
 
 
 def test_training_reduces_loss_logs_and_checkpoints(tmp_path, tiny_cache):
-    from comoto_cli.engine.checkpoint import load_checkpoint
+    from comoto_cli.networks.checkpoint import load_checkpoint
 
     config = tiny_config(epochs=4, best_metric="score")
     summary, calls = _run(tmp_path, tiny_cache, "run", config=config)

@@ -17,7 +17,7 @@ from comoto_cli.cache.h5cache import CacheWriter, VolumeRecord
 from comoto_cli.config import EvaluateConfig, InferenceConfig, ModelConfig
 from comoto_cli.errors import CheckpointError
 from comoto_cli.inference.volume import DBTEX_COLUMNS
-from comoto_cli.preprocess.resize import resize_area
+from comoto_cli.transforms.resize import resize_area
 from comoto_cli.utils.csvio import read_csv
 
 HEIGHT, WIDTH = 128, 64  # model / cache frame
@@ -75,7 +75,7 @@ def tiny_config() -> ModelConfig:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from comoto_cli.engine.checkpoint import save_checkpoint
+    from comoto_cli.networks.checkpoint import save_checkpoint
     from comoto_cli.networks.detector import build_detector
 
     torch.manual_seed(0)
@@ -245,7 +245,7 @@ def write_dbt_cache(path, rng, volumes, height=HEIGHT, width=WIDTH):
 
 @pytest.mark.slow
 def test_evaluate_checkpoint_dbt_writes_dbtex_outputs(checkpoint, tmp_path):
-    from comoto_cli.inference.evaluate_checkpoint import evaluate_checkpoint
+    from comoto_cli.evaluation.evaluate_checkpoint import evaluate_checkpoint
 
     rng = np.random.default_rng(3)
     cache = tmp_path / "dbt.h5"
@@ -272,7 +272,7 @@ def test_evaluate_checkpoint_dbt_writes_dbtex_outputs(checkpoint, tmp_path):
 
 
 def test_evaluate_checkpoint_refuses_another_image_size(checkpoint, tmp_path):
-    from comoto_cli.inference.evaluate_checkpoint import evaluate_checkpoint
+    from comoto_cli.evaluation.evaluate_checkpoint import evaluate_checkpoint
 
     cache = tmp_path / "small.h5"
     write_dbt_cache(cache, np.random.default_rng(4), [("P1", "lcc", (4, 80.0, 200.0, 26.0), "test")],
@@ -285,7 +285,7 @@ def test_evaluate_checkpoint_refuses_another_image_size(checkpoint, tmp_path):
 
 @pytest.mark.slow
 def test_evaluate_checkpoint_mammo_writes_image_metrics(checkpoint, tmp_path):
-    from comoto_cli.inference.evaluate_checkpoint import evaluate_checkpoint
+    from comoto_cli.evaluation.evaluate_checkpoint import evaluate_checkpoint
 
     rng = np.random.default_rng(5)
     path = tmp_path / "mammo.h5"

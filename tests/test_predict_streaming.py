@@ -15,7 +15,7 @@ from comoto_cli.data import dicom_io
 from comoto_cli.inference import predict as predict_module
 from comoto_cli.inference import volume as volume_module
 from comoto_cli.inference.volume import DBTEX_COLUMNS, detect_volume, detections_to_dbtex, forward_batch_size
-from comoto_cli.preprocess.resize import resize_area
+from comoto_cli.transforms.resize import resize_area
 from comoto_cli.utils.csvio import read_csv
 
 HEIGHT, WIDTH = 128, 64  # model frame
@@ -45,7 +45,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, model):
-    from comoto_cli.engine.checkpoint import save_checkpoint
+    from comoto_cli.networks.checkpoint import save_checkpoint
 
     path = tmp_path_factory.mktemp("stream_ckpt") / "best.pt"
     save_checkpoint(path, model_state=model.state_dict(), model_config=tiny_model_config(),

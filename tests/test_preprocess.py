@@ -16,12 +16,12 @@ import pytest
 
 from comoto_cli.cache.h5cache import SliceCache
 from comoto_cli.config import PreprocessConfig, SplitConfig
+from comoto_cli.data.splits import assign_splits
 from comoto_cli.errors import InputDataError
 from comoto_cli.preprocess.pipeline import preprocess, preprocess_config_hash
-from comoto_cli.preprocess.resize import resize_area
-from comoto_cli.preprocess.splits import assign_splits
 from comoto_cli.preprocess.summary import cache_content_hash, cache_summary
 from comoto_cli.transforms.geometry import cache_to_official
+from comoto_cli.transforms.resize import resize_area
 
 
 def _config(**kwargs) -> PreprocessConfig:

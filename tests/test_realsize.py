@@ -14,7 +14,7 @@ import pytest
 from comoto_cli.cache.h5cache import SliceCache
 from comoto_cli.config import PreprocessConfig
 from comoto_cli.preprocess import pipeline
-from comoto_cli.preprocess.resize import resize_area
+from comoto_cli.transforms.resize import resize_area
 
 
 def test_training_volumes_decode_only_frame_zero_and_their_kept_slices(tiny_synth, tmp_path, monkeypatch):

@@ -9,11 +9,12 @@ from pathlib import Path
 import h5py
 import pytest
 
-from comoto_cli.cache.merge import merge_caches, parse_shard
+from comoto_cli.cache.shards import parse_shard
 from comoto_cli.cli import main
 from comoto_cli.config import PreprocessConfig
 from comoto_cli.data import dicom_io
 from comoto_cli.errors import InputDataError, UsageError
+from comoto_cli.preprocess.merge import merge_caches
 from comoto_cli.preprocess.pipeline import preprocess
 from comoto_cli.preprocess.summary import cache_content_hash
 

@@ -59,7 +59,7 @@ def impa_run(tmp_path_factory, cache) -> Path:
 
 
 def test_impa_run_logs_every_epoch_and_checkpoints(impa_run):
-    from comoto_cli.engine.checkpoint import load_detector
+    from comoto_cli.networks.checkpoint import load_detector
 
     history = _history(impa_run)
     assert [h["epoch"] for h in history] == [1, 2, 3]

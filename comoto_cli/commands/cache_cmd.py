@@ -50,7 +50,7 @@ def merge(
 ) -> None:
     """Join the shards of `comoto preprocess dbt|mammo ... --shard K/N` (each K once) into one cache, the same
     content as a single run (image chunks copied as stored, not recompressed)."""
-    from comoto_cli.cache.merge import merge_caches
+    from comoto_cli.preprocess.merge import merge_caches
     from comoto_cli.preprocess.summary import cache_summary
 
     report = merge_caches(out, shards, progress=not no_progress)

@@ -88,9 +88,9 @@ def evaluate(
     if missing:
         raise UsageError(f"checkpoint evaluation needs {' and '.join(missing)}")
     try:
-        from comoto_cli.inference.evaluate_checkpoint import evaluate_checkpoint
+        from comoto_cli.evaluation.evaluate_checkpoint import evaluate_checkpoint
     except ModuleNotFoundError as exc:
-        if exc.name != "comoto_cli.inference.evaluate_checkpoint":
+        if exc.name != "comoto_cli.evaluation.evaluate_checkpoint":
             raise
         raise UsageError("checkpoint evaluation is not available yet; score a CSV with --predictions") from None
     # Contract: runs volume inference on the split, writes DIR/predictions.csv and the report through

@@ -20,7 +20,7 @@ def _check_shard(value: str | None) -> str | None:
     """Option callback: a wrong K/N is a one-line usage error before any work."""
     if value is None:
         return None
-    from comoto_cli.cache.merge import parse_shard
+    from comoto_cli.cache.shards import parse_shard
     from comoto_cli.errors import UsageError
 
     try:
@@ -32,7 +32,7 @@ def _check_shard(value: str | None) -> str | None:
 
 def _run(modality: str, root: Path, out: Path, config_file: Path | None, progress: bool, shard: str | None = None,
          **flags) -> None:
-    from comoto_cli.cache.merge import parse_shard
+    from comoto_cli.cache.shards import parse_shard
     from comoto_cli.config import PreprocessConfig
     from comoto_cli.preprocess.pipeline import preprocess
     from comoto_cli.preprocess.summary import cache_summary

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from comoto_cli.commands.common import CONFIG_OPTION_HELP, NUM_WORKERS_HELP, VAL_EVERY_HELP, resolve_config
+from comoto_cli.commands.common import CONFIG_OPTION_HELP, NUM_WORKERS_HELP, VAL_EVERY_HELP, console, resolve_config
 from comoto_cli.config import TeacherConfig
 
 
@@ -38,4 +38,4 @@ def train_teacher(
     )
     from comoto_cli.engine.teacher import run_train_teacher
 
-    run_train_teacher(config, resume=resume)
+    run_train_teacher(config, resume=resume, console=console)

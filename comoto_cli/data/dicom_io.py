@@ -56,6 +56,8 @@ from pathlib import Path
 
 import numpy as np
 
+from comoto_cli.data import decoders
+from comoto_cli.data.decoders import PACKAGES
 from comoto_cli.errors import InputDataError
 
 # Header sanity limits, checked before any pixel decoding so a corrupt header cannot trigger a huge allocation.
@@ -123,7 +125,6 @@ def _read(path: Path, csv: Path | None, row: int | None, *, header_only: bool = 
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    from comoto_cli.data import decoders
 
     decoders.register()
     path = Path(path)
@@ -397,7 +398,6 @@ def decode_problem(exc: BaseException, transfer_syntax) -> str:
     from pydicom.pixels import get_decoder
     from pydicom.uid import UID
 
-    from comoto_cli.data.decoders import PACKAGES
 
     syntax = UID(str(transfer_syntax)) if transfer_syntax else None
     name = syntax.name if syntax is not None else "DICOM"

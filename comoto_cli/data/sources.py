@@ -20,9 +20,9 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from comoto_cli.data.dicom_io import MAX_FRAMES, MAX_SIDE
 from comoto_cli.errors import InputDataError, UsageError
-from comoto_cli.preprocess.splits import SPLITS, release_name, split_csvs, split_of_file_name
 from comoto_cli.transforms.geometry import box_problem
 from comoto_cli.utils.csvio import CsvTable, read_csv, read_header
+from comoto_cli.utils.split_names import SPLITS, release_name, split_csvs, split_of_file_name
 
 VIEWS = ("lcc", "lmlo", "rcc", "rmlo")
 DBT_KEYS = ("PatientID", "StudyUID", "View")
@@ -151,7 +151,7 @@ def find_csv_by_columns(root: Path, required: Sequence[str], *, flag: str | None
 def find_split_csvs(root: Path, required: Sequence[str], *, flag: str) -> Path | dict[str, Path] | None:
     """The CSVs under ``root`` with the ``required`` columns, the way BCS-DBT ships them: None when there is none;
     the path when there is one (no split of its own, whatever its name); ``{split: path}`` (in
-    :data:`~comoto_cli.preprocess.splits.SPLITS` order) when there are several and the file names carry
+    :data:`~comoto_cli.data.splits.SPLITS` order) when there are several and the file names carry
     different splits, as the release names them (``BCS-DBT-file-paths-validation-v2.csv`` -> ``val``). Several
     CSVs of which one names no split, or two the same split, are an error listing them."""
     matches = _csvs_with_columns(root, required)
@@ -323,7 +323,7 @@ def discover_bcs_dbt(
     """BCS-DBT volumes with labels and boxes, in file-paths CSV order.
 
     Each CSV argument is one path, or one path per split (``{"train": P, "val": P, "test": P}``, or a list of
-    ``SPLIT=PATH``; see :func:`comoto_cli.preprocess.splits.split_csvs`). CSVs not given are found under ``root``
+    ``SPLIT=PATH``; see :func:`comoto_cli.data.splits.split_csvs`). CSVs not given are found under ``root``
     by their columns (:func:`find_split_csvs`): the release's ``BCS-DBT-file-paths-train-v2.csv``,
     ``...-validation-v2.csv``, ``...-test-v2.csv`` are read together. A volume from a file-paths CSV of a split
     gets that split (``record.split``; None from a lone CSV); one listed under two splits is a bad row naming

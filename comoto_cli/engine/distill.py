@@ -24,9 +24,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from comoto_cli.cache import SliceCache
 from comoto_cli.config import DistillConfig, InferenceConfig
+from comoto_cli.data.datasets import DetectionDataset, infinite_batches, move_batch
+from comoto_cli.engine import distributed
+from comoto_cli.engine.trainer import LAST_CHECKPOINT, seed_everything, train
 from comoto_cli.errors import UsageError
-from comoto_cli.utils.atomic import sha256_file
+from comoto_cli.evaluation.evaluate_checkpoint import dbtex_ground_truth
+from comoto_cli.inference.volume import predict_cache
+from comoto_cli.losses import (
+    PointProjection,
+    has_boxes,
+    image_kd_loss,
+    image_projection,
+    lesion_kd_loss,
+    lesion_points,
+    masked_batch_mean,
+)
+from comoto_cli.metrics.dbtex import DbtexTables, dbtex_counts, score_dbtex
+from comoto_cli.networks.checkpoint import load_detector
+from comoto_cli.networks.detector import build_detector
+from comoto_cli.utils.atomic import ensure_writable_dir, sha256_file, write_json_atomic
 from comoto_cli.utils.system import loader_workers
 
 KD_MODES = ("lesion", "image")
@@ -55,9 +73,6 @@ def training_rows(cache, ratio: float, seed: int) -> tuple[np.ndarray, list[str]
 
 def make_volume_val_fn(cache, inference: InferenceConfig, split: str = "val"):
     """``val_fn`` for the trainer: DBTex metrics of full-volume inference on ``split``."""
-    from comoto_cli.inference.evaluate_checkpoint import dbtex_ground_truth
-    from comoto_cli.inference.volume import predict_cache
-    from comoto_cli.metrics.dbtex import DbtexTables, dbtex_counts, score_dbtex
 
     boxes, labels = dbtex_ground_truth(cache, split)
     if len(boxes["X"]) == 0:
@@ -77,8 +92,6 @@ def make_volume_val_fn(cache, inference: InferenceConfig, split: str = "val"):
 def make_lesion_kd_loss(config: DistillConfig, teacher, teacher_batches, student_size, teacher_size):
     """The trainer's ``extra_loss`` for LsKD: ``{"lskd": ...}``; ``{}`` before ``distill_start_epoch`` or for a
     DBT batch without lesions (LsKD only distils lesion points)."""
-    from comoto_cli.engine.datasets import move_batch
-    from comoto_cli.losses import has_boxes, lesion_kd_loss, lesion_points, masked_batch_mean
 
     def lskd(batch, losses, features, ctx):
         if ctx.epoch < config.distill_start_epoch:
@@ -105,8 +118,6 @@ def make_lesion_kd_loss(config: DistillConfig, teacher, teacher_batches, student
 
 def make_image_kd_loss(config: DistillConfig, teacher, teacher_batches):
     """The trainer's ``extra_loss`` for the image-level KD baseline: ``{"image_kd": ...}``."""
-    from comoto_cli.engine.datasets import move_batch
-    from comoto_cli.losses import image_kd_loss
 
     def image_kd(batch, losses, features, ctx):
         if ctx.epoch < config.distill_start_epoch:
@@ -123,14 +134,6 @@ def make_image_kd_loss(config: DistillConfig, teacher, teacher_batches):
 
 def run_distill(config: DistillConfig, *, resume: bool = False, console=None) -> dict:
     """Everything ``comoto distill`` does after parsing; returns the trainer's summary."""
-    from comoto_cli.cache import SliceCache
-    from comoto_cli.engine import distributed
-    from comoto_cli.engine.checkpoint import load_detector
-    from comoto_cli.engine.datasets import DetectionDataset, infinite_batches
-    from comoto_cli.engine.trainer import LAST_CHECKPOINT, seed_everything, train
-    from comoto_cli.losses import PointProjection, image_projection
-    from comoto_cli.networks.detector import build_detector
-    from comoto_cli.utils.atomic import ensure_writable_dir, write_json_atomic
 
     say = console.print if console is not None else print
     if config.cache is None:

@@ -10,9 +10,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from comoto_cli.commands.common import console
+from comoto_cli.cache import SliceCache
 from comoto_cli.config import TeacherConfig
+from comoto_cli.data.datasets import DetectionDataset
+from comoto_cli.engine import distributed
+from comoto_cli.engine.trainer import LAST_CHECKPOINT, seed_everything, train
 from comoto_cli.errors import UsageError
+from comoto_cli.evaluation.validation import METRIC_NAMES, make_val_fn
+from comoto_cli.losses import background_points, impa_loss, lesion_points
+from comoto_cli.networks.detector import build_detector
 
 
 def make_impa_loss(config: TeacherConfig, image_size: tuple[int, int]):
@@ -21,7 +27,6 @@ def make_impa_loss(config: TeacherConfig, image_size: tuple[int, int]):
     Positives: lesion points (B_l, C, P) of the batch's images that have boxes; negatives: P random feature
     positions outside every box of those same images (drawn with the step's seeded generator).
     """
-    from comoto_cli.losses import background_points, impa_loss, lesion_points
 
     def impa(batch, losses, features, ctx):
         keep = [index for index, target in enumerate(batch["targets"]) if len(target["boxes"]) > 0]
@@ -36,14 +41,9 @@ def make_impa_loss(config: TeacherConfig, image_size: tuple[int, int]):
     return impa
 
 
-def run_train_teacher(config: TeacherConfig, *, resume: bool = False) -> dict:
-    """Everything ``comoto train-teacher`` does after parsing; returns the trainer's summary."""
-    from comoto_cli.cache import SliceCache
-    from comoto_cli.engine import distributed
-    from comoto_cli.engine.datasets import DetectionDataset
-    from comoto_cli.engine.trainer import LAST_CHECKPOINT, seed_everything, train
-    from comoto_cli.engine.validation import METRIC_NAMES, make_val_fn
-    from comoto_cli.networks.detector import build_detector
+def run_train_teacher(config: TeacherConfig, *, resume: bool = False, console=None) -> dict:
+    """Everything ``comoto train-teacher`` does after parsing; returns the trainer's summary. Messages go to
+    ``console`` (a rich Console) or stdout."""
 
     if config.cache is None:
         raise UsageError("--cache is required (a mammography cache from `comoto preprocess mammo`)")
@@ -52,6 +52,7 @@ def run_train_teacher(config: TeacherConfig, *, resume: bool = False) -> dict:
     if config.best_metric not in METRIC_NAMES:
         raise UsageError(f"best_metric: '{config.best_metric}' is not a validation metric of train-teacher; one of: "
                          f"{', '.join(METRIC_NAMES)}")
+    say = console.print if console is not None else print
     out = Path(config.out)
     if not resume and (out / LAST_CHECKPOINT).exists():
         raise UsageError(f"{out} already holds a training run ({LAST_CHECKPOINT}); pass --resume to continue it "
@@ -80,10 +81,10 @@ def run_train_teacher(config: TeacherConfig, *, resume: bool = False) -> dict:
             "impa": config.impa,
         }
         if env.is_main:
-            console.print(f"train-teacher: {len(train_set)} training images ({train_set.num_with_lesions()} with "
-                          f"lesions), {len(val_set)} validation images, {image_size[0]}x{image_size[1]}, "
-                          f"ImPA {'on' if config.impa else 'off'}, device {env.device}"
-                          + (f", {env.world_size} processes" if env.enabled else ""))
+            say(f"train-teacher: {len(train_set)} training images ({train_set.num_with_lesions()} with lesions), "
+                f"{len(val_set)} validation images, {image_size[0]}x{image_size[1]}, "
+                f"ImPA {'on' if config.impa else 'off'}, device {env.device}"
+                + (f", {env.world_size} processes" if env.enabled else ""))
         summary = train(
             config, model=model, train_set=train_set, val_fn=make_val_fn(val_set, batch_size=config.val_batch_size,
                                                                     num_workers=config.num_workers),
@@ -94,6 +95,6 @@ def run_train_teacher(config: TeacherConfig, *, resume: bool = False) -> dict:
         distributed.cleanup(env)
     if env.is_main:
         best = summary["best_value"]
-        console.print(f"best {summary['best_metric']} = {best if best is None else round(best, 4)} "
-                      f"(epoch {summary['best_epoch']}); checkpoints in {out}")
+        say(f"best {summary['best_metric']} = {best if best is None else round(best, 4)} "
+            f"(epoch {summary['best_epoch']}); checkpoints in {out}")
     return summary

@@ -45,9 +45,10 @@ import torch
 from torch import Tensor, nn
 
 from comoto_cli.config import OptimConfig, TrainConfig
+from comoto_cli.data.datasets import make_loader, make_sampler, move_batch
 from comoto_cli.engine import distributed
-from comoto_cli.engine.datasets import make_loader, make_sampler, move_batch
 from comoto_cli.errors import CheckpointError, ComotoError, UsageError
+from comoto_cli.networks.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from comoto_cli.utils.atomic import ensure_writable_dir, write_json_atomic, write_text_atomic
 from comoto_cli.utils.system import loader_workers
 
@@ -222,17 +223,11 @@ def train(
 ) -> dict:
     """Train ``model`` on ``train_set`` for ``config.epochs`` epochs (see the module docstring for the hooks).
 
-    ``train_set`` yields the samples of :mod:`comoto_cli.engine.datasets` (``set_epoch`` is called when it has
+    ``train_set`` yields the samples of :mod:`comoto_cli.data.datasets` (``set_epoch`` is called when it has
     one). ``loader_share``: how many loaders share the automatic worker count (distill's mammography batches have
     their own). Returns ``{"run_dir", "epochs", "best_metric", "best_value", "best_epoch", "history", "last",
     "best"}``.
     """
-    from comoto_cli.engine.checkpoint import (
-        capture_rng_state,
-        load_checkpoint,
-        restore_rng_state,
-        save_checkpoint,
-    )
 
     env = dist_env or distributed.init_distributed()
     device = env.device

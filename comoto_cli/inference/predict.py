@@ -2,7 +2,7 @@
 
 Each input is read like the training data (:func:`comoto_cli.data.dicom_io.open_dicom_image`: the official
 reader's frame, VOI window, [0, 1]) and resized with the same area filter as ``comoto preprocess``
-(:func:`comoto_cli.preprocess.resize.resize_area`), so the network sees what it saw in training. DBT volumes
+(:func:`comoto_cli.transforms.resize.resize_area`), so the network sees what it saw in training. DBT volumes
 go through volume inference (every slice, volume NMS); a mammogram is a one-slice volume. Boxes are reported
 in the official frame at full resolution: DBTex columns, then the input's path.
 
@@ -21,8 +21,15 @@ from pathlib import Path
 import numpy as np
 
 from comoto_cli.config import InferenceConfig, PredictConfig
+from comoto_cli.data.dicom_io import open_dicom_image, view_from_dataset
 from comoto_cli.errors import ComotoError, InputDataError, UsageError
 from comoto_cli.inference.volume import DBTEX_COLUMNS, detect_volume, detections_to_dbtex
+from comoto_cli.networks.checkpoint import load_detector
+from comoto_cli.transforms.geometry import cache_to_official
+from comoto_cli.transforms.resize import resize_area
+from comoto_cli.utils.atomic import atomic_path, ensure_writable_dir, write_json_atomic
+from comoto_cli.utils.csvio import write_csv_atomic
+from comoto_cli.utils.system import pick_device
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 OUTPUT_COLUMNS = (*DBTEX_COLUMNS, "path")
@@ -73,7 +80,6 @@ def dicom_keys(path: Path) -> dict[str, str]:
     StudyInstanceUID."""
     import pydicom
 
-    from comoto_cli.data.dicom_io import view_from_dataset
 
     try:
         dataset = pydicom.dcmread(path, stop_before_pixels=True)
@@ -126,7 +132,6 @@ class ResizedVolume:
         return self.shape[0]
 
     def __getitem__(self, index: slice) -> np.ndarray:
-        from comoto_cli.preprocess.resize import resize_area
 
         if not isinstance(index, slice):
             raise TypeError("ResizedVolume is read by slice ranges, source[start:stop]")
@@ -167,7 +172,6 @@ def predict_array(model, image, kind: str, config: InferenceConfig, device) -> d
         detections = detect_volume(model, source, config=inference, device=device)
         keep = np.flatnonzero(detections["scores"] >= config.nms_min_score)
         keep = keep[np.argsort(-detections["scores"][keep], kind="stable")][: config.max_boxes_per_volume]
-        from comoto_cli.transforms.geometry import cache_to_official
 
         xywh = cache_to_official(detections["boxes"][keep], scale_y, scale_x)
         return {"X": xywh[:, 0], "Width": xywh[:, 2], "Y": xywh[:, 1], "Height": xywh[:, 3],
@@ -215,7 +219,6 @@ def open_input(path: Path, accept_modality: tuple[str, ...] = ()):
     """``(image, kind)`` of one input without decoding a DBT volume's pixels: for 'dbt' a :class:`DbtFrames`
     (frames decoded on demand), for 'mammo' a (rows, cols) float32 array; every failure is one line naming the
     file."""
-    from comoto_cli.data.dicom_io import open_dicom_image
 
     with _InputErrors(path, broad=True):
         image, kind = open_dicom_image(path, accept_modality=accept_modality)
@@ -271,8 +274,6 @@ def records(results: list[InputPrediction]) -> list[dict]:
 
 
 def write_output(path: Path, table: list[dict], fmt: str) -> None:
-    from comoto_cli.utils.atomic import write_json_atomic
-    from comoto_cli.utils.csvio import write_csv_atomic
 
     if fmt == "json":
         write_json_atomic(path, table)
@@ -323,7 +324,6 @@ def write_overlay(path: Path, image, kind: str, result: InputPrediction) -> None
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
-    from comoto_cli.utils.atomic import atomic_path
 
     volume = np.asarray(image)[None] if kind == "mammo" else image
     rows = result.rows
@@ -360,9 +360,6 @@ def run_predict(config: PredictConfig, progress: bool = True) -> tuple[list[dict
     Returns the records written and the number of inputs. The output file is written once, atomically,
     after every input succeeded.
     """
-    from comoto_cli.engine.checkpoint import load_detector
-    from comoto_cli.inference.evaluate_checkpoint import pick_device
-    from comoto_cli.utils.atomic import ensure_writable_dir
 
     if config.checkpoint is None:
         raise UsageError("predict needs --checkpoint (a best.pt written by train-teacher or distill)")

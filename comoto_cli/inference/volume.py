@@ -21,6 +21,7 @@ import torch
 
 from comoto_cli.config import InferenceConfig
 from comoto_cli.errors import InputDataError, UsageError
+from comoto_cli.inference.volume_nms import volume_nms
 from comoto_cli.transforms.geometry import cache_to_official
 from comoto_cli.utils.system import loader_workers
 
@@ -251,7 +252,6 @@ def top_volume_nms(slice_index: np.ndarray, boxes: np.ndarray, scores: np.ndarra
     s (ties included) therefore decides those boxes exactly; when that yields enough survivors, the lower boxes
     (which would rank after all of them) cannot enter the top. The candidate set grows 4x until it does.
     """
-    from comoto_cli.inference.volume_nms import volume_nms
 
     limit = int(config.max_boxes_per_volume)
     nms = {"iou_threshold": config.nms_iou, "min_score": config.nms_min_score,

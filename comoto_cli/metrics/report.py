@@ -20,6 +20,7 @@ from comoto_cli.metrics.dbtex import (
     froc_points,
     score_dbtex,
 )
+from comoto_cli.metrics.plots import plot_froc
 from comoto_cli.utils.atomic import ensure_writable_dir, write_json_atomic
 
 
@@ -80,7 +81,6 @@ def write_dbtex_report(
     if extra:
         payload.update(extra)
     if froc:
-        from comoto_cli.metrics.plots import plot_froc
 
         curves = {
             "all": froc_points(tables, positive_only=False, max_fps=4.0),

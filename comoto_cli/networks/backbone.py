@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from comoto_cli.config import ModelConfig
 from comoto_cli.errors import CheckpointError, UsageError
+from comoto_cli.utils.torch_files import safe_torch_load
 
 # name -> (block, blocks per stage); the block counts of the torchvision / He et al. ResNets.
 RESNET_ARCHITECTURES: dict[str, tuple[type[nn.Module], list[int]]] = {
@@ -187,7 +188,6 @@ def load_backbone_weights(body: ResNet, path: str | Path) -> list[str]:
     (the same value in R, G and B) unchanged. The fully connected head is ignored. Returns the ignored keys.
     Raises :class:`CheckpointError` naming the keys when the file does not fit this ResNet.
     """
-    from comoto_cli.engine.checkpoint import safe_torch_load
 
     path = Path(path)
     try:

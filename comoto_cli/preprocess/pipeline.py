@@ -44,11 +44,13 @@ import numpy as np
 
 from comoto_cli.cache import h5cache
 from comoto_cli.cache.h5cache import FORMAT_VERSION, WORK_KEY, CacheWriter, StoredSlices, VolumeRecord
+from comoto_cli.cache.shards import SHARD_ATTR, SHARD_GROUP, parse_shard
 from comoto_cli.config import PreprocessConfig, config_json
+from comoto_cli.data import dicom_io, sources
+from comoto_cli.data.splits import assign_splits, merge_dataset_split
 from comoto_cli.errors import ComotoError, InputDataError
-from comoto_cli.preprocess.resize import resize_area
-from comoto_cli.preprocess.splits import assign_splits, merge_dataset_split
 from comoto_cli.transforms.geometry import official_to_cache
+from comoto_cli.transforms.resize import resize_area
 from comoto_cli.utils.atomic import atomic_path, ensure_writable_dir, sha256_file
 from comoto_cli.utils.system import available_memory_bytes, usable_cores
 
@@ -143,7 +145,6 @@ def _load_part(path: Path) -> dict | None:
 
 def _read_source(task: VolumeTask):
     """(shape, flipped, iterator of (index, float32 frame in the official frame)) for the task's slices."""
-    from comoto_cli.data import dicom_io
 
     if task.modality == "dbt":
         source = dicom_io.open_dbt(task.path, task.view, row=task.row, csv=task.csv, decoder=task.decoder)
@@ -280,7 +281,6 @@ def _remove_stale_temporaries(out: Path, parts_dir: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- main entry
 def _discover(root: Path, config: PreprocessConfig, skipped: list[dict] | None):
-    from comoto_cli.data import sources
 
     if config.modality == "dbt":
         return sources.discover_bcs_dbt(root, file_paths_csv=config.file_paths_csv, labels_csv=config.labels_csv,
@@ -290,7 +290,6 @@ def _discover(root: Path, config: PreprocessConfig, skipped: list[dict] | None):
 
 
 def _header(root: Path, record, config: PreprocessConfig) -> tuple[int, int, int]:
-    from comoto_cli.data import dicom_io
 
     path = _resolve(root, record.path)
     if config.modality == "dbt":
@@ -383,7 +382,7 @@ def preprocess(root: Path, out: Path, config: PreprocessConfig, *, shard: tuple[
     ``shard=(K, N)`` (1-based K) builds only part K of N: the plan (every volume, split over all patients) is made
     as in a full run, then the volumes at plan positions i with ``i % N == K - 1`` are kept. The file is a normal
     cache of those volumes plus the root attribute ``shard`` ("K/N") and ``/shard/plan_index`` (each volume's
-    position in the full plan); it may hold no volumes. :func:`comoto_cli.cache.merge.merge_caches` joins the N
+    position in the full plan); it may hold no volumes. :func:`comoto_cli.preprocess.merge.merge_caches` joins the N
     shards into the cache a single run makes. The shard is not part of the config (nor of its hash)."""
     from rich.console import Console
 
@@ -401,7 +400,6 @@ def preprocess(root: Path, out: Path, config: PreprocessConfig, *, shard: tuple[
 
     # Validate every box against its image header before any heavy work: bad input fails in seconds.
     kept: list[tuple[object, tuple[int, int, int]]] = []
-    from comoto_cli.data import sources
 
     for record in records:
         try:
@@ -532,7 +530,6 @@ def preprocess(root: Path, out: Path, config: PreprocessConfig, *, shard: tuple[
 
 def _checked_shard(shard: tuple[int, int] | None) -> tuple[tuple[int, int] | None, str | None]:
     """(K, N) and its label "K/N", after checking 1 <= K <= N (a one-line UsageError otherwise)."""
-    from comoto_cli.cache.merge import parse_shard
 
     if shard is None:
         return None, None
@@ -546,7 +543,6 @@ def _checked_shard(shard: tuple[int, int] | None) -> tuple[tuple[int, int] | Non
 
 def _stored_shard(out: Path) -> str | None:
     """The ``shard`` attribute of an existing cache (None for a full cache or an unreadable file)."""
-    from comoto_cli.cache.merge import SHARD_ATTR
 
     try:
         with h5py.File(out, "r") as handle:
@@ -582,7 +578,6 @@ class _ShardWriter(CacheWriter):
         return row
 
     def write_shard(self, label: str, plan_size: int) -> None:
-        from comoto_cli.cache.merge import SHARD_ATTR, SHARD_GROUP
 
         self.file.attrs[SHARD_ATTR] = label
         group = self.file.create_group(SHARD_GROUP)

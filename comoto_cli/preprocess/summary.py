@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from comoto_cli.cache.h5cache import SliceCache
 from comoto_cli.errors import InputDataError
 
 # Attributes that may differ between two runs producing the same content: the input fingerprint holds file
@@ -95,7 +96,6 @@ def cache_content_hash(path: str | Path) -> str:
 def cache_summary(path: str | Path) -> dict:
     """Counts and settings of a cache, per split: volumes (images for mammography), patients, stored slices,
     lesions, boxes, slices with boxes, volumes with lesions."""
-    from comoto_cli.cache.h5cache import SliceCache
 
     path = Path(path)
     cache = SliceCache(path)

@@ -35,6 +35,9 @@ import numpy as np
 
 from comoto_cli.config import SynthConfig
 from comoto_cli.errors import ComotoError, UsageError
+from comoto_cli.synth.phantom import DbtParams, dbt_volume, mammogram
+from comoto_cli.synth.writer import synth_uid, write_dbt_dicom, write_mammo_dicom
+from comoto_cli.utils.atomic import ensure_writable_dir
 from comoto_cli.utils.csvio import write_csv_atomic
 
 __all__ = ["DBT_VIEWS", "PRESETS", "Preset", "generate_dataset"]
@@ -239,8 +242,6 @@ def _plan_mammo(seed: int, n_images: int, preset: Preset) -> list[dict[str, Any]
 
 def _make_dbt(task: dict[str, Any], root: str) -> dict[str, Any]:
     """Render and write one DBT volume; returns what the CSVs and truth.json need (picklable)."""
-    from comoto_cli.synth.phantom import DbtParams, dbt_volume
-    from comoto_cli.synth.writer import synth_uid, write_dbt_dicom
 
     rng = _rng(task["seed"], 1, task["index"])
     volume, lesions, window = dbt_volume(
@@ -288,8 +289,6 @@ def _make_dbt(task: dict[str, Any], root: str) -> dict[str, Any]:
 
 
 def _make_mammo(task: dict[str, Any], root: str) -> dict[str, Any]:
-    from comoto_cli.synth.phantom import mammogram
-    from comoto_cli.synth.writer import synth_uid, write_mammo_dicom
 
     rng = _rng(task["seed"], 2, task["index"])
     image, lesions = mammogram(
@@ -504,7 +503,6 @@ def generate_dataset(
     n_dbt = config.volumes if config.volumes is not None else preset.volumes
     dbt_tasks = _plan_dbt(config.seed, n_dbt, preset)
     mammo_tasks = _plan_mammo(config.seed, n_mammo, preset)
-    from comoto_cli.utils.atomic import ensure_writable_dir
 
     ensure_writable_dir(out.parent)  # one line naming the file that blocks the path, if one does
     try:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from comoto_cli.errors import InputDataError
+from comoto_cli.utils.atomic import atomic_path
 
 MAX_EXACT_INT = 2**53  # the largest integer range a float64 (how cells are parsed) holds exactly
 
@@ -135,7 +136,6 @@ def read_csv(path: str | Path, required: Sequence[str], optional: Iterable[str] 
 
 def write_csv_atomic(path: str | Path, header: Sequence[str], records: Iterable[Sequence[object]]) -> None:
     """Write a CSV through a temporary file and rename (no half-written output)."""
-    from comoto_cli.utils.atomic import atomic_path
 
     with atomic_path(path) as temporary:
         with open(temporary, "w", newline="", encoding="utf-8") as handle:

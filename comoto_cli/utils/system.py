@@ -54,3 +54,10 @@ def loader_workers(value: int | str, device_type: str, loaders: int = 1) -> int:
     per_process = usable_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     total = min(8, max(0, per_process - 1))
     return max(1, total // max(1, loaders)) if total else 0
+
+
+def pick_device():
+    """The first CUDA device when there is one, else the CPU."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -11,15 +11,21 @@ from pathlib import Path
 
 import numpy as np
 
+from comoto_cli.cache.h5cache import SliceCache
 from comoto_cli.config import EvaluateConfig
+from comoto_cli.data.datasets import DetectionDataset
 from comoto_cli.errors import CheckpointError, UsageError
-from comoto_cli.utils.atomic import ensure_writable_dir
-
-
-def pick_device():
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from comoto_cli.evaluation.validation import FPS_PER_IMAGE, detection_metrics, ground_truth_boxes, predict_images
+from comoto_cli.inference.volume import forward_batch_size, predict_cache
+from comoto_cli.metrics.dbtex import DbtexTables, write_predictions_csv
+from comoto_cli.metrics.image_froc import image_froc
+from comoto_cli.metrics.plots import plot_froc
+from comoto_cli.metrics.report import write_dbtex_report
+from comoto_cli.networks.checkpoint import load_detector
+from comoto_cli.transforms.geometry import cache_to_official
+from comoto_cli.utils.atomic import ensure_writable_dir, write_json_atomic
+from comoto_cli.utils.csvio import write_csv_atomic
+from comoto_cli.utils.system import pick_device
 
 
 def check_image_size(model, cache, checkpoint: Path) -> None:
@@ -74,9 +80,6 @@ def dbtex_ground_truth(cache, split: str) -> tuple[dict[str, np.ndarray], dict[s
 
 
 def _evaluate_dbt(model, cache, config: EvaluateConfig, out: Path, device, progress: bool) -> dict:
-    from comoto_cli.inference.volume import predict_cache
-    from comoto_cli.metrics.dbtex import DbtexTables, write_predictions_csv
-    from comoto_cli.metrics.report import write_dbtex_report
 
     # One volume at a time, its cached slices read batch by batch (CacheVolume): never a whole volume or split.
     predictions = predict_cache(model, cache, config.split, config.inference, device, progress=progress)
@@ -88,8 +91,6 @@ def _evaluate_dbt(model, cache, config: EvaluateConfig, out: Path, device, progr
 
 
 def _write_image_predictions(path: Path, cache, rows, predictions) -> None:
-    from comoto_cli.transforms.geometry import cache_to_official
-    from comoto_cli.utils.csvio import write_csv_atomic
 
     vols = cache.volumes
     records = []
@@ -104,8 +105,6 @@ def _write_image_predictions(path: Path, cache, rows, predictions) -> None:
 
 
 def _plot_image_froc(path: Path, predictions, ground_truth, marks, split: str) -> None:
-    from comoto_cli.metrics.image_froc import image_froc
-    from comoto_cli.metrics.plots import plot_froc
 
     froc = image_froc(list(predictions), list(ground_truth), fps_per_image=marks)
     plot_froc(path, {split: (froc["fps"], froc["sensitivities"])}, marks=marks,
@@ -113,16 +112,7 @@ def _plot_image_froc(path: Path, predictions, ground_truth, marks, split: str) -
 
 
 def _evaluate_mammo(model, cache, config: EvaluateConfig, out: Path, device, progress: bool) -> dict:
-    """Per-image scoring, shared with the teacher's per-epoch validation (:mod:`comoto_cli.engine.validation`)."""
-    from comoto_cli.engine.datasets import DetectionDataset
-    from comoto_cli.engine.validation import (
-        FPS_PER_IMAGE,
-        detection_metrics,
-        ground_truth_boxes,
-        predict_images,
-    )
-    from comoto_cli.inference.volume import forward_batch_size
-    from comoto_cli.utils.atomic import write_json_atomic
+    """Per-image scoring, shared with the teacher's per-epoch validation (:mod:`comoto_cli.evaluation.validation`)."""
 
     dataset = DetectionDataset(cache, config.split, augment=None)
     # Images are read from the cache batch by batch; on the CPU a batch is capped in pixels like volume inference.
@@ -156,8 +146,6 @@ def _print_image_metrics(metrics: dict) -> None:
 def evaluate_checkpoint(config: EvaluateConfig, progress: bool = True) -> dict:
     """Score ``config.checkpoint`` on ``config.split`` of ``config.cache``; write predictions and metrics into
     ``config.out``. Returns the metrics written to ``metrics.json``."""
-    from comoto_cli.cache.h5cache import SliceCache
-    from comoto_cli.engine.checkpoint import load_detector
 
     if config.checkpoint is None or config.cache is None or config.out is None:
         raise UsageError("evaluate --checkpoint needs --cache and --out as well")

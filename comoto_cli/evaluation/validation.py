@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from comoto_cli.engine.datasets import DetectionDataset, make_loader
+from comoto_cli.data.datasets import DetectionDataset, make_loader
+from comoto_cli.metrics.image_froc import image_froc
 from comoto_cli.utils.system import loader_workers
 
 FPS_PER_IMAGE = (1, 2, 3, 4)
@@ -92,7 +93,6 @@ def coco_metrics(predictions: Sequence[dict[str, np.ndarray]], ground_truth: Seq
 def detection_metrics(predictions: Sequence[dict[str, np.ndarray]], ground_truth: Sequence[np.ndarray]) -> dict:
     """Image-level FROC (``sensitivity_at_{1..4}_fp``, ``mean_sensitivity``) and COCO AP/AR of per-image
     predictions against per-image ground-truth boxes (both in the same pixel frame)."""
-    from comoto_cli.metrics.image_froc import image_froc
 
     froc = image_froc(list(predictions), list(ground_truth), fps_per_image=FPS_PER_IMAGE)
     metrics: dict = {f"sensitivity_at_{f}_fp": _finite_or_none(froc[f"sensitivity_at_{f}_fp"]) for f in FPS_PER_IMAGE}

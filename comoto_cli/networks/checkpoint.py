@@ -14,9 +14,7 @@ Layout of a checkpoint (a ``torch.save`` dict):
 from __future__ import annotations
 
 import json
-import pickle
 import random
-import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,10 @@ from pydantic import ValidationError
 
 from comoto_cli.config import ModelConfig, config_json
 from comoto_cli.errors import CheckpointError, ComotoError
+from comoto_cli.networks.detector import build_detector
 from comoto_cli.utils.atomic import atomic_path
+from comoto_cli.utils.torch_files import first_line as _first_line
+from comoto_cli.utils.torch_files import safe_torch_load
 
 FORMAT_NAME = "comoto-checkpoint"
 FORMAT_VERSION = 1
@@ -48,50 +49,6 @@ _REQUIRED_KEYS = ("model_state", "model_config", "image_size")
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
-    """``torch.load(weights_only=True)`` with one-line :class:`CheckpointError` messages."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError("file not found", path=path)
-    if not path.is_file():
-        raise CheckpointError("not a file", path=path)
-    try:
-        with warnings.catch_warnings():
-            # A foreign pickle protocol is reported below as a refusal or corruption; the warning adds nothing.
-            warnings.filterwarnings("ignore", message=".*pickle protocol.*", category=UserWarning)
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        message = str(exc)
-        # The weights-only unpickler names the blocked GLOBAL (a function or class to import) it refused.
-        if "GLOBAL" in message or "global" in message.lower().replace("weights only", ""):
-            raise CheckpointError(
-                "refusing to load this checkpoint: it needs unpickling of arbitrary objects (only tensors and "
-                "plain Python values are accepted)",
-                path=path,
-            ) from None
-        detail = message.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
-        detail_text = detail[0] if detail and "WeightsUnpickler" in message else _first_line(exc)
-        raise CheckpointError(f"corrupt or not a PyTorch checkpoint ({detail_text})", path=path) from None
-    except (
-        RuntimeError,
-        EOFError,
-        ValueError,
-        OSError,
-        AttributeError,
-        ImportError,
-        KeyError,
-        IndexError,
-    ) as exc:
-        raise CheckpointError(
-            f"corrupt or not a PyTorch checkpoint ({_first_line(exc)})", path=path
-        ) from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
 def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict:
     """Read a checkpoint safely. Returns the stored dict with ``model_config`` parsed into a :class:`ModelConfig`
     (the stored JSON string stays under ``model_config_json``) and ``image_size`` as a (height, width) tuple."""
@@ -151,7 +108,6 @@ def load_detector(path: Path, *, expected: ModelConfig | None = None, map_locati
     detector uses ``expected``'s inference settings (thresholds); otherwise the stored config. The initial
     ``weights`` file of the config is not read again. Returns (detector, checkpoint dict of :func:`load_checkpoint`).
     """
-    from comoto_cli.networks.detector import build_detector
 
     path = Path(path)
     checkpoint = load_checkpoint(path, map_location=map_location)

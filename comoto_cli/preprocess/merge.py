@@ -29,10 +29,11 @@ from comoto_cli.cache.h5cache import (
     StoredSlices,
     VolumeRecord,
 )
+from comoto_cli.cache.shards import SHARD_ATTR, SHARD_GROUP, parse_shard
 from comoto_cli.errors import ComotoError, InputDataError, UsageError
-
-SHARD_ATTR = "shard"  # root attribute of a shard: "K/N"
-SHARD_GROUP = "shard"  # its group: dataset plan_index, attribute plan_size (volumes in the full plan)
+from comoto_cli.preprocess.pipeline import FINGERPRINT_ATTR, _skip_key
+from comoto_cli.preprocess.summary import _content_config
+from comoto_cli.utils.atomic import atomic_path
 
 # Root attributes every shard of one run shares, with the words an error uses for them.
 _SHARED = (("format_version", "cache format"), ("modality", "modality"), ("config_hash", "preprocess config"),
@@ -53,15 +54,6 @@ class _Shard:
     @property
     def label(self) -> str:
         return f"{self.index}/{self.count}"
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"K/N"`` -> (K, N) with 1 <= K <= N, or a one-line :class:`UsageError`."""
-    parts = str(text).strip().split("/")
-    numbers = [int(p) for p in parts if p.strip().isdigit()]
-    if len(parts) != 2 or len(numbers) != 2 or not 1 <= numbers[0] <= numbers[1]:
-        raise UsageError(f"shard must be K/N with 1 <= K <= N (for example 2/8), got {text!r}")
-    return numbers[0], numbers[1]
 
 
 def _text(value) -> str:
@@ -106,7 +98,6 @@ def _open_shard(path: Path) -> _Shard:
 
 def _check_together(shards: list[_Shard]) -> list[_Shard]:
     """The shards ordered by K, or a one-line error naming the file that does not belong."""
-    from comoto_cli.preprocess.summary import _content_config
 
     first = shards[0]
     for shard in shards[1:]:
@@ -144,7 +135,6 @@ def _check_together(shards: list[_Shard]) -> list[_Shard]:
 def _merged_skipped(shards: list[_Shard]) -> list[dict]:
     """Every shard lists the inputs skipped before the split (they are the same in each); the ones skipped while
     decoding are in one shard only. Each distinct entry is kept as often as the shard that lists it most."""
-    from comoto_cli.preprocess.pipeline import _skip_key
 
     most: dict[str, int] = {}
     first_seen: dict[str, dict] = {}
@@ -202,8 +192,6 @@ def merge_caches(out: str | Path, shards: Sequence[str | Path], *, progress: boo
     list), ``fingerprint`` (whether the shards' input fingerprints agreed and were kept) and ``seconds``."""
     from rich.console import Console
 
-    from comoto_cli.preprocess.pipeline import FINGERPRINT_ATTR
-    from comoto_cli.utils.atomic import atomic_path
 
     started = time.perf_counter()
     console = console or Console(stderr=True, highlight=False)

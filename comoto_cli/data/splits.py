@@ -1,0 +1,93 @@
+"""Patient-level train/val/test split: seeded, independent of the order of CSV rows.
+
+All images of one patient land in one split (a lesion seen in training must not be scored again in test).
+Patients are sorted, then a seeded permutation picks the held-out ones, so the same inputs and seed give the
+same split whatever order the CSVs list them in. A dataset's own split (VinDr-Mammo's ``split`` column: only
+``training`` / ``test``; BCS-DBT's train / validation / test CSVs) wins when ``respect_dataset_split`` is set; the
+splits it does not provide are carved out of its remaining (training) patients, so a dataset that provides all
+three is kept as it is.
+
+Split names and the split a CSV file stands for are in :mod:`comoto_cli.utils.split_names`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+from comoto_cli.config import SplitConfig
+from comoto_cli.utils.split_names import normalize_split
+
+
+def _held_out_count(fraction: float, total: int) -> int:
+    if fraction <= 0.0:
+        return 0
+    count = int(math.floor(fraction * total + 0.5))
+    # With at least 3 patients every asked-for split gets one: an empty val split breaks model selection.
+    return max(count, 1) if total >= 3 else count
+
+
+def _carve(pool: list[str], total: int, fractions: Mapping[str, float], provided: set[str],
+           rng: np.random.Generator, assigned: dict[str, str]) -> None:
+    """Assign ``pool`` (patients without a dataset split) to test/val/train in place; fractions are of ``total``
+    (all patients of the group, dataset-split ones included); at least one pool patient is kept for train."""
+    wanted = {name: (0 if name in provided else _held_out_count(fraction, total)) for name, fraction in fractions.items()}
+    while wanted["test"] + wanted["val"] > max(len(pool) - 1, 0) and (wanted["test"] or wanted["val"]):
+        larger = "test" if wanted["test"] >= wanted["val"] else "val"
+        wanted[larger] -= 1
+    shuffled = [pool[i] for i in rng.permutation(len(pool))]
+    n_test, n_val = wanted["test"], wanted["val"]
+    for patient in shuffled[:n_test]:
+        assigned[patient] = "test"
+    for patient in shuffled[n_test:n_test + n_val]:
+        assigned[patient] = "val"
+    for patient in shuffled[n_test + n_val:]:
+        assigned[patient] = "train"
+
+
+def assign_splits(patients: Iterable[str], config: SplitConfig,
+                  dataset_splits: Mapping[str, str | None] | None = None,
+                  has_lesion: Mapping[str, bool] | None = None) -> dict[str, str]:
+    """Patient id -> "train" | "val" | "test".
+
+    ``dataset_splits`` maps a patient to the split its dataset gives it (None: no opinion). When a patient's
+    images disagree, pass the most held-out one (test over val over train): leaking a test image into
+    training is worse than losing a training image.
+    ``has_lesion`` (with ``config.stratify``): patients with and without lesions are split separately, so val
+    and test both get lesion patients (the DBTex metric is undefined on a split without lesions).
+    """
+    ordered = sorted(set(patients))
+    assigned: dict[str, str] = {}
+    given: dict[str, str] = {}
+    if config.respect_dataset_split and dataset_splits:
+        for patient in ordered:
+            split = normalize_split(dataset_splits.get(patient))
+            if split is not None:
+                given[patient] = split
+    provided = set(given.values())
+    pool: list[str] = []
+    for patient in ordered:
+        split = given.get(patient)
+        if split in ("val", "test"):
+            assigned[patient] = split
+        else:
+            pool.append(patient)  # dataset says train, or nothing: candidates for the carved splits
+    fractions = {"test": config.test_fraction, "val": config.val_fraction}
+    rng = np.random.default_rng(config.seed)
+    if config.stratify and has_lesion is not None:
+        for group in (True, False):
+            members = [p for p in ordered if bool(has_lesion.get(p, False)) == group]
+            _carve([p for p in pool if bool(has_lesion.get(p, False)) == group], len(members), fractions, provided,
+                   rng, assigned)
+    else:
+        _carve(pool, len(ordered), fractions, provided, rng, assigned)
+    return assigned
+
+
+def merge_dataset_split(current: str | None, new: str | None) -> str | None:
+    """Combine two images' dataset splits for one patient: the more held-out wins (test > val > train)."""
+    rank = {None: -1, "train": 0, "val": 1, "test": 2}
+    a, b = normalize_split(current), normalize_split(new)
+    return a if rank[a] >= rank[b] else b
