@@ -4,8 +4,8 @@
 
 - ``bare_forward_s``: ``model.detector.network(images)`` alone (backbone + FPN + heads), batch by batch;
 - ``volume_s``: :func:`comoto_cli.inference.volume.volume_predictions` (forward, the batch-wise
-  post-processing of :func:`fast_predict`, volume NMS, mapping to the official frame);
-- ``volume_monai_s``: the same with MONAI's own post-processing (``model.predict``) instead, for reference.
+  post-processing of ``model.predict``, volume NMS, mapping to the official frame);
+- ``volume_monai_s``: the same with MONAI's own post-processing (``monai_detections``) instead, for reference.
 
 ``ratio`` = volume_s / bare_forward_s (goal: about 1.3 or less). Each is the best of ``repeats`` interleaved
 runs after a warm-up. ``logit_bias`` sets the classification bias: None keeps the untrained prior (almost no
@@ -40,7 +40,7 @@ def run(image_size: tuple[int, int] = (256, 128), slices: int = 32, batch_size: 
 
     from comoto_cli.config import InferenceConfig, ModelConfig
     from comoto_cli.inference.volume import detections_to_dbtex, volume_predictions
-    from comoto_cli.networks.detector import build_detector
+    from comoto_cli.networks.detector import build_detector, monai_detections
 
     if threads:
         torch.set_num_threads(threads)
@@ -69,7 +69,7 @@ def run(image_size: tuple[int, int] = (256, 128), slices: int = 32, batch_size: 
     def monai() -> dict:
         indices, boxes, scores = [], [], []
         for start in range(0, slices, batch_size):
-            for offset, output in enumerate(detector.predict(volume[start:start + batch_size, None])):
+            for offset, output in enumerate(monai_detections(detector, volume[start:start + batch_size, None])):
                 indices.append(np.full(len(output["scores"]), start + offset))
                 boxes.append(output["boxes"].cpu().numpy().reshape(-1, 4))
                 scores.append(output["scores"].cpu().numpy())

@@ -3,7 +3,7 @@
 ``run()`` makes a seeded, in-memory world of ``volumes`` DBT views (about a third with 1-2 lesions, the rest
 normal) and ``predictions`` detections (some near lesions, the rest anywhere), then times
 :func:`comoto_cli.metrics.dbtex.score_dbtex` (matching + both FROC passes), best of ``repeats`` runs after a
-warm-up. For scale: the official pandas scorer is reported (DESIGN.md section 2) to need about 16 s for 4000
+warm-up. For scale: the official pandas scorer is reported (docs/design.md section 2) to need about 16 s for 4000
 volumes; it is not run here.
 
     python benchmarks/bench_scorer.py [--volumes 4000 --predictions 16000 --bootstrap 0]

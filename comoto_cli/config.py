@@ -3,7 +3,7 @@
 Each command's effective config = defaults, then a JSON (or YAML) file given with ``--config``, then the flags
 given on the command line. ``comoto config show COMMAND`` prints it, ``comoto config schema COMMAND`` its JSON
 Schema; ``make schemas`` writes those schemas into ``schemas/`` (a test fails when they are stale).
-Defaults follow the reference implementation (DESIGN.md section 3) unless stated.
+Defaults follow the reference implementation (docs/design.md section 3) unless stated.
 """
 
 from __future__ import annotations
@@ -12,9 +12,18 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from comoto_cli.errors import UsageError
 from comoto_cli.utils.split_names import split_csvs
@@ -105,6 +114,12 @@ class PreprocessConfig(StrictModel):
     annotations_csv: Path | None = Field(None, description="VinDr-Mammo finding_annotations.csv")
     manifest_csv: Path | None = Field(None, description="generic manifest: path, patient_id, xmin, ymin, xmax, ymax")
     accept_modality: AcceptModality = Field([], description=_ACCEPT_HELP)
+    dataset: str | None = Field(
+        None, description="dataset adapter reading ROOT, by name (comoto_cli.data.adapters), e.g. bcs-dbt, vindr, "
+        "manifest, jsonl; default: bcs-dbt for dbt; for mammo manifest when manifest_csv is given, else vindr")
+    inputs: dict[str, Path] = Field(
+        {}, description='input files of the dataset adapter by name, e.g. {"manifest": "images.jsonl"} for jsonl '
+        "(command line: --input NAME=PATH)")
 
     @field_validator("file_paths_csv", "labels_csv", "boxes_csv", mode="before",
                      json_schema_input_type=str | list[str] | dict[str, str] | None)
@@ -117,6 +132,33 @@ class PreprocessConfig(StrictModel):
         if isinstance(normal, dict):
             return {split: str(path) for split, path in normal.items()}
         return None if normal is None else str(normal)
+
+    @field_validator("inputs", mode="before", json_schema_input_type=dict[str, str] | list[str])
+    @classmethod
+    def _named_inputs(cls, value: Any) -> Any:
+        """The repeated --input flag's 'NAME=PATH' strings -> {NAME: PATH}."""
+        if not isinstance(value, (list, tuple)):
+            return value
+        named: dict[str, str] = {}
+        for item in value:
+            name, equals, path = str(item).partition("=")
+            if not equals or not name.strip() or not path.strip():
+                raise ValueError(f"expected NAME=PATH, got {item!r}")
+            if name.strip() in named:
+                raise ValueError(f"input {name.strip()!r} given twice")
+            named[name.strip()] = path.strip()
+        return named
+
+    @model_serializer(mode="wrap")
+    def _without_default_dataset(self, handler):
+        """``dataset`` and ``inputs`` at their defaults are left out of the dump, so the canonical JSON (the config
+        hash, and the stored config, of every cache made before they existed) stays what it was."""
+        data = handler(self)
+        if self.dataset is None:
+            data.pop("dataset", None)
+        if not self.inputs:
+            data.pop("inputs", None)
+        return data
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -206,10 +248,27 @@ class TrainConfig(StrictModel):
             raise ValueError(f"must be 'auto' or a whole number >= {0 if info.field_name == 'num_workers' else 1}")
         return value
 
+    # Paths a run needs stay optional in the model: `comoto experiment` embeds these configs and fills them per run,
+    # and `comoto config show` prints a config before they are given. Each command checks its own with these.
+    def require(self, *fields: str, needed_by: str = "") -> None:
+        """One-line UsageError naming the first of ``fields`` left unset: its key, its flag and its description."""
+        for name in fields:
+            if getattr(self, name) is None:
+                reason = f", needed by {needed_by}" if needed_by else ""
+                raise UsageError(f"missing {name} (--{name.replace('_', '-')}){reason}: "
+                                 f"{type(self).model_fields[name].description}")
+
+    def require_metric(self, names: tuple[str, ...], command: str) -> None:
+        """One-line UsageError unless ``best_metric`` is one of ``names`` (the metrics ``command`` validates)."""
+        if self.best_metric not in names:
+            raise UsageError(f"best_metric: '{self.best_metric}' is not a validation metric of {command}; one of: "
+                             f"{', '.join(names)}")
+
 
 class TeacherConfig(TrainConfig):
     """`comoto train-teacher`: RetinaNet on mammography, optionally with ImPA."""
 
+    cache: Path | None = Field(None, description="mammography slice cache made by `comoto preprocess mammo`")
     impa: bool = Field(True, description="intra-modal point alignment loss")
     beta: float = Field(2.0, ge=0.0, description="ImPA weight")
     num_points: Literal[1, 4, 5, 9] = 9
@@ -218,9 +277,14 @@ class TeacherConfig(TrainConfig):
 class DistillConfig(TrainConfig):
     """`comoto distill`: the DBT student with LsKD or a baseline."""
 
+    # The distillation modes' names. Their registry, comoto_cli.engine.modes, adds each name here as it registers it:
+    # it lives with the engine (a mode builds losses), a layer above this module, which cannot import it.
+    mode_names: ClassVar[list[str]] = []
+
+    cache: Path | None = Field(None, description="DBT slice cache made by `comoto preprocess dbt`")
     teacher: Path | None = Field(None, description="teacher checkpoint (best.pt of train-teacher)")
     teacher_cache: Path | None = Field(None, description="mammography cache for the unpaired teacher batches")
-    mode: Literal["lesion", "image", "pretrain", "none"] = "lesion"
+    mode: str = Field("lesion", description="distillation mode, a registered one: `comoto distill --help` lists them")
     train_ratio: float = Field(1.0, gt=0.0, le=1.0, description="fraction of training patients kept (seeded)")
     alpha: float = Field(2.0, ge=0.0, description="distillation weight")
     temperature: float = Field(4.0, gt=0.0)
@@ -228,10 +292,23 @@ class DistillConfig(TrainConfig):
     distill_start_epoch: int = Field(0, ge=0, description="epoch at which the distillation loss is switched on")
     best_metric: str = "mean_sensitivity_positive"
 
+    @classmethod
+    def check_mode(cls, name: str) -> str:
+        """``name`` if a mode of that name is registered, else a ValueError listing the registered ones."""
+        if name not in cls.mode_names:
+            raise ValueError(f"unknown distillation mode {name!r}; registered: "
+                             f"{', '.join(cls.mode_names) or 'none (import comoto_cli.engine.modes)'}")
+        return name
+
+    @field_validator("mode")
+    @classmethod
+    def _registered_mode(cls, mode: str) -> str:
+        return cls.check_mode(mode)
+
 
 # ---------------------------------------------------------------------------------------------- inference / eval
 class InferenceConfig(StrictModel):
-    """Volume inference: every slice through the detector, then volume NMS (DESIGN.md section 3)."""
+    """Volume inference: every slice through the detector, then volume NMS (docs/design.md section 3)."""
 
     batch_size: int = Field(16, ge=1)
     skip_edge_slices: int = Field(0, ge=0, description="slices skipped at each end (the reference skips 4)")
@@ -275,24 +352,27 @@ class PredictConfig(StrictModel):
     accept_modality: AcceptModality = Field([], description=_ACCEPT_HELP)
 
 
-ExperimentMethod = Literal["none", "pretrain", "image", "lesion", "lesion+impa"]
-
-
 class ExperimentConfig(StrictModel):
     """`comoto experiment`: the paper's comparison (DBT only, pretraining, image-level KD, LsKD, LsKD + ImPA) at
     several training ratios and seeds, on one dataset, with one shared teacher per ImPA setting."""
+
+    # A method is a distillation mode, or MODE+impa: the mode with the teacher trained with ImPA.
+    IMPA_SUFFIX: ClassVar[str] = "+impa"
 
     out: Path = Field(Path("runs/experiment"), description="experiment folder (resumable: finished runs are kept)")
     synth: SynthConfig | None = Field(
         SynthConfig(size="demo"), description="synthetic dataset to generate into OUT/data; null = use dbt_root/mammo_root"
     )
-    dbt_root: Path | None = Field(None, description="BCS-DBT data root (when synth is null)")
-    mammo_root: Path | None = Field(None, description="mammography data root (when synth is null)")
+    dbt_root: Path | None = Field(None, validate_default=True, description="BCS-DBT data root (when synth is null)")
+    mammo_root: Path | None = Field(None, validate_default=True,
+                                    description="mammography data root (when synth is null)")
     preprocess_dbt: PreprocessConfig = PreprocessConfig(modality="dbt")
     preprocess_mammo: PreprocessConfig = PreprocessConfig(modality="mammo")
     teacher: TeacherConfig = TeacherConfig()
     student: DistillConfig = DistillConfig()
-    methods: list[ExperimentMethod] = Field(["none", "pretrain", "image", "lesion", "lesion+impa"], min_length=1)
+    methods: list[str] = Field(
+        ["none", "pretrain", "image", "lesion", "lesion+impa"], min_length=1,
+        description="distillation modes to compare; MODE+impa: MODE with the teacher trained with ImPA")
     train_ratios: list[float] = Field([0.1, 1.0], min_length=1)
     seeds: list[int] = Field([0, 1, 2], min_length=1)
     split: Literal["val", "test"] = "test"
@@ -304,6 +384,21 @@ class ExperimentConfig(StrictModel):
         if any(not 0.0 < ratio <= 1.0 for ratio in ratios):
             raise ValueError("train ratios must be in (0, 1]")
         return ratios
+
+    @field_validator("dbt_root", "mammo_root")
+    @classmethod
+    def _root_without_synth(cls, root: Path | None, info) -> Path | None:
+        # `synth` comes first, so it is in info.data unless it failed (then its own error says so).
+        if root is None and "synth" in info.data and info.data["synth"] is None:
+            raise ValueError("required when synth is null")
+        return root
+
+    @field_validator("methods")
+    @classmethod
+    def _registered_methods(cls, methods: list[str]) -> list[str]:
+        for method in methods:
+            DistillConfig.check_mode(method.removesuffix(cls.IMPA_SUFFIX))
+        return methods
 
 
 COMMAND_MODELS: dict[str, type[StrictModel]] = {

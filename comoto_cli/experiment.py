@@ -1,11 +1,13 @@
 """`comoto experiment`: the paper's comparison table on one dataset, resumable run by run.
 
-DBT only (``none``), mammography pretraining (``pretrain``), image-level KD (``image``), LsKD (``lesion``, teacher
-trained without ImPA) and LsKD + ImPA (``lesion+impa``, teacher trained with ImPA), at each train ratio and seed.
-One teacher per ImPA setting is shared by every run that needs it. Each student is scored on the held-out split
-with the DBTex metric; the table reports, per method and ratio, the mean over seeds of
-``mean_sensitivity_positive`` with a 95 % t-interval over seeds, and the mean of the per-run patient-bootstrap
-intervals. Outputs: ``results.csv``, ``results.md``, ``results.png`` and ``runs.jsonl`` (one line per run).
+A method is a registered distillation mode (:mod:`comoto_cli.engine.modes`; by default DBT only ``none``,
+mammography pretraining ``pretrain``, image-level KD ``image`` and LsKD ``lesion``, with a teacher trained without
+ImPA) or ``MODE+impa``, the mode with a teacher trained with ImPA (``lesion+impa``: LsKD + ImPA, CoMoTo), each at
+every train ratio and seed. One teacher per ImPA setting is shared by every run that needs it. Every run's config
+is checked before the first one trains. Each student is scored on the held-out split with the DBTex metric; the
+table reports, per method and ratio, the mean over seeds of ``mean_sensitivity_positive`` with a 95 % t-interval
+over seeds, and the mean of the per-run patient-bootstrap intervals. Outputs: ``results.csv``, ``results.md``,
+``results.png`` and ``runs.jsonl`` (one line per run).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from comoto_cli.config import DistillConfig, EvaluateConfig, ExperimentConfig, InferenceConfig, TeacherConfig
-from comoto_cli.engine.distill import run_distill
-from comoto_cli.engine.teacher import run_train_teacher
+from comoto_cli.engine.distill import check_distill_config, run_distill
+from comoto_cli.engine.modes import DistillMode, get_mode
+from comoto_cli.engine.teacher import check_teacher_config, run_train_teacher
 from comoto_cli.errors import UsageError
 from comoto_cli.evaluation.evaluate_checkpoint import evaluate_checkpoint
 from comoto_cli.preprocess.pipeline import preprocess
@@ -30,13 +33,24 @@ from comoto_cli.utils.csvio import write_csv_atomic
 # Two-sided 95 % Student-t quantiles for n - 1 degrees of freedom (n seeds), to avoid a scipy dependency.
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
-METHOD_LABELS = {
-    "none": "DBT only",
-    "pretrain": "Mammography pretraining",
-    "image": "Image-level KD",
-    "lesion": "LsKD",
-    "lesion+impa": "LsKD + ImPA (CoMoTo)",
-}
+# The paper's own method, named so in the table.
+COMOTO_METHOD = "lesion" + ExperimentConfig.IMPA_SUFFIX
+
+
+def method_mode(method: str) -> tuple[DistillMode, bool]:
+    """The distillation mode of ``method`` and whether its teacher is trained with ImPA."""
+    impa = method.endswith(ExperimentConfig.IMPA_SUFFIX)
+    mode = get_mode(method.removesuffix(ExperimentConfig.IMPA_SUFFIX))
+    if impa and not mode.needs_teacher:
+        raise UsageError(f"methods: {method!r}: mode {mode.name} uses no teacher, so none trained with ImPA")
+    return mode, impa
+
+
+def method_label(method: str) -> str:
+    """The method's name in the table and the plot: the mode's label, "+ ImPA" for an ImPA teacher."""
+    mode, impa = method_mode(method)
+    label = f"{mode.label} + ImPA" if impa else mode.label
+    return f"{label} (CoMoTo)" if method == COMOTO_METHOD else label
 
 
 def seed_interval(values: list[float]) -> tuple[float, float, float]:
@@ -53,6 +67,10 @@ def _say(console, text: str) -> None:
     (console.print if console is not None else print)(text)
 
 
+def _cache_paths(config: ExperimentConfig) -> tuple[Path, Path]:
+    return config.out / "dbt.h5", config.out / "mammo.h5"
+
+
 def _prepare_data(config: ExperimentConfig, console) -> tuple[Path, Path]:
 
     out = config.out
@@ -63,27 +81,33 @@ def _prepare_data(config: ExperimentConfig, console) -> tuple[Path, Path]:
             _say(console, f"experiment: synthetic dataset ({config.synth.size}, seed {config.synth.seed}) -> {data}")
             generate_dataset(data, config.synth)
         dbt_root, mammo_root = data / "dbt", data / "mammo"
-    else:
-        if config.dbt_root is None or config.mammo_root is None:
-            raise UsageError("experiment: give dbt_root and mammo_root when synth is null")
+    else:  # the config requires both roots when synth is null
         dbt_root, mammo_root = config.dbt_root, config.mammo_root
-    dbt_cache, mammo_cache = out / "dbt.h5", out / "mammo.h5"
+    dbt_cache, mammo_cache = _cache_paths(config)
     preprocess(dbt_root, dbt_cache, config.preprocess_dbt.model_copy(update={"modality": "dbt"}), console=console)
     preprocess(mammo_root, mammo_cache, config.preprocess_mammo.model_copy(update={"modality": "mammo"}),
                console=console)
     return dbt_cache, mammo_cache
 
 
+def _teacher_run(config: ExperimentConfig, impa: bool) -> Path:
+    return config.out / "teachers" / ("impa" if impa else "plain")
+
+
+def _teacher_config(config: ExperimentConfig, mammo_cache: Path, impa: bool) -> TeacherConfig:
+    return TeacherConfig.model_validate({**config.teacher.model_dump(mode="json"), "cache": str(mammo_cache),
+                                         "out": str(_teacher_run(config, impa)), "impa": impa})
+
+
 def _train_teacher(config: ExperimentConfig, mammo_cache: Path, impa: bool, console) -> Path:
 
-    run = config.out / "teachers" / ("impa" if impa else "plain")
+    run = _teacher_run(config, impa)
     if (run / "best.pt").exists() and not (run / "last.pt").exists():
         return run / "best.pt"
     history = run / "metrics.jsonl"
     if history.exists() and len(history.read_text().splitlines()) >= config.teacher.epochs:
         return run / "best.pt"
-    teacher = TeacherConfig.model_validate(
-        {**config.teacher.model_dump(mode="json"), "cache": str(mammo_cache), "out": str(run), "impa": impa})
+    teacher = _teacher_config(config, mammo_cache, impa)
     _say(console, f"experiment: teacher {'with' if impa else 'without'} ImPA -> {run}")
     run_train_teacher(teacher, resume=(run / "last.pt").exists())
     return run / "best.pt"
@@ -93,25 +117,46 @@ def _run_name(method: str, ratio: float, seed: int) -> str:
     return f"{method.replace('+', '-')}_r{ratio:g}_s{seed}"
 
 
-def _student(config: ExperimentConfig, method: str, ratio: float, seed: int, dbt_cache: Path, mammo_cache: Path,
-             teachers: dict[bool, Path], console) -> dict:
+def _student_config(config: ExperimentConfig, method: str, ratio: float, seed: int, dbt_cache: Path,
+                    mammo_cache: Path) -> DistillConfig:
+    mode, impa = method_mode(method)
+    payload = {**config.student.model_dump(mode="json"), "cache": str(dbt_cache),
+               "out": str(config.out / "students" / _run_name(method, ratio, seed)), "mode": mode.name,
+               "train_ratio": ratio, "seed": seed}
+    if mode.needs_teacher:
+        payload["teacher"] = str(_teacher_run(config, impa) / "best.pt")
+        payload["teacher_cache"] = str(mammo_cache)
+    return DistillConfig.model_validate(payload)
 
-    name = _run_name(method, ratio, seed)
-    run = config.out / "students" / name
+
+def _check_runs(config: ExperimentConfig, dbt_cache: Path, mammo_cache: Path) -> list[bool]:
+    """Every run's config as the commands check it, so a bad one stops the experiment before anything trains.
+    Returns the ImPA settings of the teachers the methods need, without ImPA first."""
+    impa_settings = set()
+    for method in config.methods:
+        mode, impa = method_mode(method)
+        if mode.needs_teacher:
+            impa_settings.add(impa)
+        for ratio in config.train_ratios:
+            for seed in config.seeds:
+                check_distill_config(_student_config(config, method, ratio, seed, dbt_cache, mammo_cache))
+    for impa in impa_settings:
+        check_teacher_config(_teacher_config(config, mammo_cache, impa))
+    return sorted(impa_settings)
+
+
+def _student(config: ExperimentConfig, method: str, ratio: float, seed: int, dbt_cache: Path, mammo_cache: Path,
+             console) -> dict:
+
+    student = _student_config(config, method, ratio, seed, dbt_cache, mammo_cache)
+    run = student.out
     evaluation = run / "evaluation" / "metrics.json"
     if evaluation.exists():
         return json.loads(evaluation.read_text())
-    mode = "lesion" if method == "lesion+impa" else method
-    payload = {**config.student.model_dump(mode="json"), "cache": str(dbt_cache), "out": str(run), "mode": mode,
-               "train_ratio": ratio, "seed": seed}
-    if mode != "none":
-        payload["teacher"] = str(teachers[method == "lesion+impa"])
-        payload["teacher_cache"] = str(mammo_cache)
-    student = DistillConfig.model_validate(payload)
     finished = (run / "metrics.jsonl").exists() and \
         len((run / "metrics.jsonl").read_text().splitlines()) >= student.epochs
     if not finished:
-        _say(console, f"experiment: {METHOD_LABELS[method]}, train ratio {ratio:g}, seed {seed} -> {run}")
+        _say(console, f"experiment: {method_label(method)}, train ratio {ratio:g}, seed {seed} -> {run}")
         run_distill(student, resume=(run / "last.pt").exists(), console=console)
     return evaluate_checkpoint(
         EvaluateConfig(checkpoint=run / "best.pt", cache=dbt_cache, split=config.split, out=run / "evaluation",
@@ -132,7 +177,7 @@ def summarise(records: list[dict], config: ExperimentConfig) -> list[dict]:
             mean, low, high = seed_interval(values)
             boot = [r.get("mean_sensitivity_positive_ci95") for r in chosen if r.get("mean_sensitivity_positive_ci95")]
             rows.append({
-                "method": method, "label": METHOD_LABELS[method], "train_ratio": ratio, "seeds": len(chosen),
+                "method": method, "label": method_label(method), "train_ratio": ratio, "seeds": len(chosen),
                 "mean_sensitivity_positive": mean, "seed_ci95_low": low, "seed_ci95_high": high,
                 "bootstrap_ci95_low": float(np.mean([b[0] for b in boot])) if boot else None,
                 "bootstrap_ci95_high": float(np.mean([b[1] for b in boot])) if boot else None,
@@ -178,7 +223,7 @@ def _plot(path: Path, rows: list[dict], records: list[dict], config: ExperimentC
         mean = np.array([r["mean_sensitivity_positive"] for r in chosen])
         error = np.array([[m - r["seed_ci95_low"] for m, r in zip(mean, chosen)],
                           [r["seed_ci95_high"] - m for m, r in zip(mean, chosen)]])
-        axis.bar(x, mean, width, yerr=np.clip(error, 0, None), capsize=3, label=METHOD_LABELS[method])
+        axis.bar(x, mean, width, yerr=np.clip(error, 0, None), capsize=3, label=method_label(method))
         runs = [r for r in records if r["method"] == method]
         axis.scatter([config.train_ratios.index(r["train_ratio"]) + offset for r in runs],
                      [r["mean_sensitivity_positive"] for r in runs], s=10, color="black", zorder=3,
@@ -198,20 +243,17 @@ def run_experiment(config: ExperimentConfig, console=None) -> list[dict]:
     """Run (or finish) every run of the experiment and write the results table; returns its rows."""
 
     started = time.perf_counter()
+    teachers = _check_runs(config, *_cache_paths(config))
     ensure_writable_dir(config.out)
     write_json_atomic(config.out / "experiment.json", config.model_dump(mode="json"))
     dbt_cache, mammo_cache = _prepare_data(config, console)
-    needs = {method for method in config.methods if method != "none"}
-    teachers: dict[bool, Path] = {}
-    if needs - {"lesion+impa"}:
-        teachers[False] = _train_teacher(config, mammo_cache, impa=False, console=console)
-    if "lesion+impa" in needs:
-        teachers[True] = _train_teacher(config, mammo_cache, impa=True, console=console)
+    for impa in teachers:
+        _train_teacher(config, mammo_cache, impa=impa, console=console)
     records = []
     for ratio in config.train_ratios:
         for seed in config.seeds:
             for method in config.methods:
-                metrics = _student(config, method, ratio, seed, dbt_cache, mammo_cache, teachers, console)
+                metrics = _student(config, method, ratio, seed, dbt_cache, mammo_cache, console)
                 records.append({"method": method, "train_ratio": ratio, "seed": seed, **metrics})
     write_text_atomic(config.out / "runs.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in records))
     rows = summarise(records, config)

@@ -1,6 +1,6 @@
 """CoMoTo's losses as pure functions: lesion feature points, ImPA and LsKD (Alberb et al., arXiv 2407.17620).
 
-Semantics follow the reference implementation (DESIGN.md section 3):
+Semantics follow the reference implementation (docs/design.md section 3):
 
 * **Lesion points** (the paper's "lesion-specific features", reference ``extract_critical_features``): P fixed
   points of each ground-truth box, read from a feature map (B, C, h, w) and averaged over the image's boxes.

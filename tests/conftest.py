@@ -6,6 +6,14 @@ import os
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# `make test` reruns the trained-model tests with COMOTO_TEST_THREADS=2: another reduction order, as another CPU
+# gives. Subprocesses that train get the same count (OMP_NUM_THREADS sets torch's) so in- and out-of-process runs
+# of one test agree.
+TEST_THREADS = int(os.environ.get("COMOTO_TEST_THREADS", "1"))
+TRAINING_SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": str(TEST_THREADS)}
+# Seed of the test detector's training trajectory (tests/test_predict.py): another seed is another trajectory, as
+# another CPU's float results give; the tests must hold for any.
+TRAJECTORY_SEED = int(os.environ.get("COMOTO_TEST_SEED", "0"))
 
 import pytest  # noqa: E402
 
@@ -17,8 +25,7 @@ def _single_thread_torch():
     except ImportError:  # pragma: no cover - torch is a dependency
         yield
         return
-    # COMOTO_TEST_THREADS reruns the suite with another reduction order, as another CPU would give.
-    torch.set_num_threads(int(os.environ.get("COMOTO_TEST_THREADS", "1")))
+    torch.set_num_threads(TEST_THREADS)
     yield
 
 
@@ -29,14 +36,21 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from comoto_cli.data import dicom_io, sources  # noqa: E402
 from comoto_cli.data.sources import ImageRecord, LesionBox  # noqa: E402
 
 TINY_CACHE_SIZE = {"image_height": 128, "image_width": 128}
-TINY_MODEL = {"backbone": "resnet18", "width": [8, 16, 32, 64], "fpn_channels": 16, "returned_layers": [2, 3, 4],
-              "anchor_base_sizes": [16, 16]}
+# The one tiny detector of the suite (a few thousand parameters); tests change single fields of it.
+TINY_MODEL = {"backbone": "resnet18", "width": [8, 16, 32, 64], "fpn_channels": 16, "anchor_base_sizes": [16.0, 16.0]}
 TINY_TRAIN = {"epochs": 2, "batch_size": 4, "val_batch_size": 8, "seed": 0,
-              "optim": {"name": "adamw", "lr": 0.001, "scheduler": "none"}, "model": TINY_MODEL}
+              "optim": {"name": "adamw", "lr": 0.001, "scheduler": "none"},
+              "model": {**TINY_MODEL, "returned_layers": [2, 3, 4]}}
+
+
+def tiny_model_config(**changes):
+    """:data:`TINY_MODEL` as a ModelConfig, with ``changes``."""
+    from comoto_cli.config import ModelConfig
+
+    return ModelConfig(**{**TINY_MODEL, **changes})
 
 
 @pytest.fixture(scope="session")
@@ -76,6 +90,36 @@ def tiny_teacher(tiny_caches, tmp_path_factory) -> Path:
     return out / "best.pt"
 
 
+# A cache of bright disks written directly (no DICOM): the trainer's and the teacher's tests.
+def build_tiny_cache(path: Path, *, height: int = 64, width: int = 64, train: int = 12, val: int = 4,
+                     normal_every: int = 4, seed: int = 0, modality: str = "mammo") -> Path:
+    """A cache of noisy images, most with one bright disk (the lesion) and its box; every ``normal_every``-th
+    image lesion-free. One single-slice 'volume' per image, as mammography caches store them."""
+    rng = np.random.default_rng(seed)
+    from comoto_cli.cache import CacheWriter, VolumeRecord
+
+    writer = CacheWriter(path, modality=modality, image_height=height, image_width=width, config_json="{}",
+                         config_hash="tinyhash")
+    yy, xx = np.mgrid[0:height, 0:width]
+    for index in range(train + val):
+        image = 0.2 + 0.05 * rng.standard_normal((height, width))
+        boxes, lesions = [], []
+        if index % normal_every != normal_every - 1:
+            radius = rng.uniform(5, 8)
+            cy, cx = rng.uniform(radius + 2, height - radius - 2), rng.uniform(radius + 2, width - radius - 2)
+            image[(yy + 0.5 - cy) ** 2 + (xx + 0.5 - cx) ** 2 <= radius**2] += 0.6
+            boxes.append([cx - radius, cy - radius, cx + radius, cy + radius])
+            lesions.append((0, cx - radius, cy - radius, 2 * radius, 2 * radius))
+        record = VolumeRecord(patient_id=f"P{index}", study_uid=f"S{index}", view="lcc",
+                              split="train" if index < train else "val", source=f"img{index}.dcm", num_slices=1,
+                              original_height=height, original_width=width, scale_y=1.0, scale_x=1.0,
+                              lesions=lesions, lesion_classes=["Mass"] * len(lesions))
+        writer.add_volume(record, [0], np.clip(image, 0, 1)[None], [np.asarray(boxes, np.float32).reshape(-1, 4)],
+                          [np.arange(len(boxes))])
+    writer.close()
+    return Path(path)
+
+
 # ---------------------------------------------------------------------------------------------- fake dataset
 # The preprocess pipeline in-process on numpy volumes behind fake readers (test_preprocess, test_shards).
 def _fake_dataset(root: Path, patients: int = 6, slices: int = 9, rows: int = 60, cols: int = 44,
@@ -108,34 +152,33 @@ def _fake_dataset(root: Path, patients: int = 6, slices: int = 9, rows: int = 60
 
 @pytest.fixture
 def fake(monkeypatch, tmp_path):
-    """Install fake readers; returns a function (re)making the dataset and the list of decoded paths."""
-    decoded: list[Path] = []
-    state: dict = {}
+    """Install a fake BCS-DBT adapter (the default for modality dbt) reading numpy volumes; returns a function
+    (re)making the dataset, with ``decoded`` (paths read so far) and ``state``: ``fail_after`` N volumes decoded
+    raise a "crash", paths in ``unreadable`` raise InputDataError as an undecodable DICOM does."""
+    from comoto_cli.data.adapters.base import PixelSource
+    from comoto_cli.data.adapters.bcs_dbt import BcsDbt
+    from comoto_cli.errors import InputDataError
 
-    def read_volume(path, view, row=None, csv=None):
+    decoded: list[Path] = []
+    state: dict = {"unreadable": set(), "records": []}
+
+    def open_pixels(self, path, *, view, csv, row, slices, decoder, accept_modality):
+        if Path(path) in state["unreadable"]:
+            raise InputDataError("simulated undecodable frame", path=path)
         decoded.append(Path(path))
         if state.get("fail_after") is not None and len(decoded) > state["fail_after"]:
             raise RuntimeError("simulated crash")
-        return dicom_io.DbtVolume(pixels=np.load(path), flipped=False, path=Path(path))
+        pixels = np.load(path)
+        wanted = range(len(pixels)) if slices is None else sorted(set(slices))
+        return PixelSource(pixels.shape, False, ((index, pixels[index]) for index in wanted))
 
-    monkeypatch.setattr(dicom_io, "read_dbt_header", lambda path: tuple(np.load(path, mmap_mode="r").shape))
-    monkeypatch.setattr(dicom_io, "read_dbt_volume", read_volume)
-
-    class Frames:  # the streaming reader's interface over a fake volume
-        def __init__(self, volume):
-            self.shape, self.flipped, self.pixels = volume.pixels.shape, volume.flipped, volume.pixels
-
-        def frames(self, indices=None):
-            for index in range(len(self.pixels)) if indices is None else sorted(set(indices)):
-                yield index, self.pixels[index]
-
-    monkeypatch.setattr(dicom_io, "open_dbt", lambda path, view, row=None, csv=None, decoder="auto":
-                        Frames(read_volume(path, view, row, csv)))
+    monkeypatch.setattr(BcsDbt, "discover", lambda self, root, config, skipped: list(state["records"]))
+    monkeypatch.setattr(BcsDbt, "read_header", lambda self, path, config: tuple(np.load(path, mmap_mode="r").shape))
+    monkeypatch.setattr(BcsDbt, "open_pixels", open_pixels)
 
     def make(**kwargs):
-        records = _fake_dataset(tmp_path / "data", **kwargs)
-        monkeypatch.setattr(sources, "discover_bcs_dbt", lambda root, **kw: list(records))
-        return records
+        state["records"] = _fake_dataset(tmp_path / "data", **kwargs)
+        return state["records"]
 
     make.decoded = decoded
     make.state = state

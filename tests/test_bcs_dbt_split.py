@@ -11,7 +11,8 @@ import pytest
 
 from comoto_cli.cache.h5cache import SliceCache
 from comoto_cli.config import PreprocessConfig, SplitConfig, load_config
-from comoto_cli.data.sources import discover_bcs_dbt, find_split_csvs
+from comoto_cli.data.adapters.bcs_dbt import discover_bcs_dbt
+from comoto_cli.data.sources import find_split_csvs
 from comoto_cli.data.splits import assign_splits
 from comoto_cli.errors import InputDataError, UsageError
 from comoto_cli.preprocess.pipeline import preprocess
@@ -76,13 +77,13 @@ def _expected() -> dict[str, set[str]]:
 
 
 def _cli(argv: list, capsys) -> tuple[int, str]:
-    """Exit code and stderr (stdout is in ``_cli.out``)."""
+    """Exit code and stderr (stdout is in ``_cli.out``, its lines joined: the console wraps long paths)."""
     from comoto_cli.cli import main
 
     with pytest.raises(SystemExit) as info:
         main([str(a) for a in argv])
     captured = capsys.readouterr()
-    _cli.out = captured.out
+    _cli.out = " ".join(captured.out.split())
     return int(info.value.code or 0), captured.err
 
 

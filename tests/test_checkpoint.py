@@ -20,19 +20,12 @@ from comoto_cli.networks.checkpoint import (
     save_checkpoint,
 )
 from comoto_cli.networks.detector import build_detector
+from tests.conftest import tiny_model_config
 
 SIZE = (64, 64)
 
 
-def tiny_config(**changes) -> ModelConfig:
-    values = {
-        "backbone": "resnet18",
-        "width": [8, 16, 32, 64],
-        "fpn_channels": 16,
-        "anchor_base_sizes": [16.0, 16.0],
-    }
-    values.update(changes)
-    return ModelConfig(**values)
+tiny_config = tiny_model_config
 
 
 def batch():

@@ -9,7 +9,7 @@ import pytest
 
 from comoto_cli.cli import main
 from comoto_cli.commands.config_cmd import schema_files
-from comoto_cli.config import COMMAND_MODELS, DistillConfig, TeacherConfig, config_hash, load_config
+from comoto_cli.config import COMMAND_MODELS, DistillConfig, ExperimentConfig, TeacherConfig, config_hash, load_config
 from comoto_cli.errors import UsageError
 
 SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schemas"
@@ -51,6 +51,38 @@ def test_invalid_values_name_the_field(tmp_path, payload, fragment):
     message = str(info.value)
     assert fragment in message and str(config_file) in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("model", "payload", "fragment"),
+    [
+        (DistillConfig, {"mode": "magic"}, "mode: Value error, unknown distillation mode 'magic'; registered: lesion, "
+                                           "image, pretrain, none"),
+        (ExperimentConfig, {"methods": ["none", "magic+impa"]}, "methods: Value error, unknown distillation mode 'magic'"),
+        (ExperimentConfig, {"synth": None, "mammo_root": "m"}, "dbt_root: Value error, required when synth is null"),
+    ],
+)
+def test_names_checked_in_the_models(tmp_path, model, payload, fragment):
+    config_file = tmp_path / "bad.json"
+    config_file.write_text(json.dumps(payload))
+    with pytest.raises(UsageError) as info:
+        load_config(model, config_file)
+    assert fragment in str(info.value)
+
+
+def test_required_fields_name_key_flag_and_purpose():
+    config = DistillConfig(cache="dbt.h5", mode="pretrain")
+    config.require("cache")
+    with pytest.raises(UsageError) as info:
+        config.require("cache", "out")
+    assert str(info.value) == "missing out (--out): run folder: checkpoints, metrics.jsonl, config.json"
+    with pytest.raises(UsageError) as info:
+        config.require("teacher_cache", needed_by="mode image")
+    assert str(info.value).startswith("missing teacher_cache (--teacher-cache), needed by mode image: mammography")
+    with pytest.raises(UsageError) as info:
+        TeacherConfig(best_metric="accuracy").require_metric(("map", "mar"), "train-teacher")
+    assert str(info.value) == ("best_metric: 'accuracy' is not a validation metric of train-teacher; one of: map, "
+                               "mar")
 
 
 def test_unreadable_config_files(tmp_path):

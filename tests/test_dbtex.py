@@ -11,6 +11,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from comoto_cli.data.tables import (
+    DBTEX_BOX_COLUMNS,
+    DBTEX_LABEL_COLUMNS,
+    dbtex_boxes,
+    dbtex_labels,
+    read_dbtex_predictions,
+    write_dbtex_predictions,
+)
 from comoto_cli.errors import InputDataError
 from comoto_cli.metrics import dbtex
 from comoto_cli.metrics.dbtex import (
@@ -20,13 +28,12 @@ from comoto_cli.metrics.dbtex import (
     froc_points,
     read_dbtex_csvs,
     score_dbtex,
-    write_predictions_csv,
 )
 
 
 # ---------------------------------------------------------------------------------------------- reference
 def reference_score(tables: DbtexTables) -> dict[str, float]:
-    """The official rules (DESIGN.md section 2) written as plain loops, one prediction at a time."""
+    """The official rules (docs/design.md section 2) written as plain loops, one prediction at a time."""
     pred, box, lab = tables.predictions, tables.boxes, tables.labels
     n_boxes = len(box["X"])
     boxes_of: dict[tuple[str, str], list[int]] = {}
@@ -421,6 +428,28 @@ def test_read_csvs_and_score(tmp_path):
     assert_same(score_dbtex(tables), reference_score(tables))
 
 
+def test_tables_built_from_arrays_are_the_tables_read_from_csv(tmp_path):
+    """Checkpoint evaluation builds its ground truth from a cache with dbtex_boxes / dbtex_labels: the same
+    columns and dtypes as the CSV readers give, and the same scores (integer slices, object text included)."""
+    read = read_dbtex_csvs(*_write_inputs(tmp_path, GOOD_ROWS))
+    box, lab = read.boxes, read.labels
+    built = DbtexTables(
+        predictions=read.predictions,
+        boxes=dbtex_boxes(box["PatientID"].astype(object), box["StudyUID"].astype(object), box["View"].astype(object),
+                          box["X"], box["Y"], box["Width"], box["Height"], box["Slice"].astype(np.int64),
+                          box["VolumeSlices"].astype(np.int64)),
+        labels=dbtex_labels(lab["PatientID"].astype(object), lab["StudyUID"].astype(object),
+                            lab["View"].astype(object)),
+    )
+    assert list(built.boxes) == list(DBTEX_BOX_COLUMNS) and list(built.labels) == list(DBTEX_LABEL_COLUMNS)
+    for name in DBTEX_BOX_COLUMNS:
+        assert built.boxes[name].dtype == box[name].dtype and np.array_equal(built.boxes[name], box[name]), name
+    for name in DBTEX_LABEL_COLUMNS:
+        assert built.labels[name].dtype == lab[name].dtype and np.array_equal(built.labels[name], lab[name]), name
+    assert score_dbtex(built) == score_dbtex(read)
+    assert dbtex.dbtex_counts(built) == dbtex.dbtex_counts(read)
+
+
 @pytest.mark.parametrize(("rows", "message"), [
     ("P1,1.2.3,lcc,100,50,100,50,10,0,nan\n", "row 2.*Score"),
     ("P1,1.2.3,lcc,100,50,100,50,10,0,0.5\nP1,1.2.3,lcc,100,-5,100,50,10,0,0.5\n", "row 3.*Width.*negative"),
@@ -443,9 +472,9 @@ def test_write_predictions_round_trip(tmp_path):
     tables = read_dbtex_csvs(*_write_inputs(tmp_path, GOOD_ROWS))
     tables.predictions["Score"] = tables.predictions["Score"] / 3.0  # values that need full precision
     out = tmp_path / "out" / "predictions.csv"
-    write_predictions_csv(out, tables.predictions)
+    write_dbtex_predictions(out, tables.predictions)
     assert out.read_text().splitlines()[0] == PRED_HEADER.strip()
-    again = dbtex.read_predictions_csv(out)
+    again = read_dbtex_predictions(out)
     for name, column in tables.predictions.items():
         assert np.array_equal(again[name], column), name
     assert [p.name for p in out.parent.iterdir()] == ["predictions.csv"]  # no temporary left behind
@@ -511,11 +540,11 @@ def test_cli_no_froc_writes_no_figure(tmp_path):
     assert not (out / "froc.png").exists()
 
 
-def test_cli_checkpoint_branch_without_its_module_is_a_usage_error(tmp_path, capsys, monkeypatch):
-    import sys
-
-    monkeypatch.setitem(sys.modules, "comoto_cli.evaluation.evaluate_checkpoint", None)  # import now fails
+def test_cli_checkpoint_branch_names_a_missing_cache(tmp_path, capsys):
+    out = tmp_path / "o"
     code = _run_cli(["evaluate", "--checkpoint", str(tmp_path / "c.pt"), "--cache", str(tmp_path / "c.h5"),
-                     "--out", str(tmp_path / "o")])
-    assert code == 2
-    assert "checkpoint evaluation is not available yet" in capsys.readouterr().err
+                     "--out", str(out)])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "c.h5" in err and "cache file not found" in err
+    assert not out.exists() or not any(out.iterdir())

@@ -9,10 +9,7 @@ import subprocess
 import sys
 import textwrap
 
-try:
-    from tests.test_engine import TINY_MODEL, build_tiny_cache
-except ImportError:  # tests/ is not a package: pytest put it on sys.path
-    from test_engine import TINY_MODEL, build_tiny_cache
+from tests.conftest import TINY_MODEL, build_tiny_cache
 
 SCRIPT = textwrap.dedent(
     """

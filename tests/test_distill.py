@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,8 +16,13 @@ import torch
 
 from comoto_cli.cli import main
 from comoto_cli.config import DistillConfig
+from comoto_cli.data.datasets import move_batch
+from comoto_cli.engine import modes
 from comoto_cli.engine.distill import patient_subset, run_distill
-from tests.conftest import TINY_TRAIN
+from comoto_cli.errors import UsageError
+from tests.conftest import TINY_TRAIN, TRAINING_SUBPROCESS_ENV
+
+pytestmark = pytest.mark.trained  # `make test` reruns these on 2 torch threads
 
 DISTILL_TERMS = {"lesion": "lskd", "image": "image_kd"}
 
@@ -113,6 +117,10 @@ def test_usage_errors_are_one_line(tmp_path, tiny_caches, tiny_teacher, capsys):
          "mode"),
         (["distill", "--cache", str(tiny_caches["dbt"]), "--out", str(tmp_path / "d"), "--train-ratio", "0"],
          "train_ratio"),
+        (["distill", "--out", str(tmp_path / "e"), "--mode", "none"], "--cache"),
+        (["distill", "--cache", str(tiny_caches["dbt"]), "--mode", "none"], "--out"),
+        (["distill", "--cache", str(tiny_caches["dbt"]), "--out", str(tmp_path / "f"), "--mode", "image",
+          "--teacher", str(tiny_teacher)], "--teacher-cache"),
     ]
     for arguments, fragment in cases:
         with pytest.raises(SystemExit) as info:
@@ -120,6 +128,86 @@ def test_usage_errors_are_one_line(tmp_path, tiny_caches, tiny_teacher, capsys):
         assert info.value.code in (1, 2)
         err = capsys.readouterr().err.strip()
         assert fragment in err and len(err.splitlines()) == 1, err
+    assert not any(tmp_path.iterdir()), "a usage error must stop the run before it writes anything"
+
+
+def test_best_metric_is_checked_before_training(tmp_path, tiny_caches, tiny_teacher, monkeypatch):
+    from comoto_cli.engine import distill
+
+    monkeypatch.setattr(distill, "train", lambda *a, **k: pytest.fail("trained with a bad best_metric"))
+    with pytest.raises(UsageError) as info:
+        run_distill(_config(tiny_caches, tiny_teacher, tmp_path / "run", "none", best_metric="mean_sensitivity"))
+    message = str(info.value)
+    assert "best_metric" in message and "mean_sensitivity_positive" in message and "num_predictions" in message
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture
+def registry_restored():
+    """Modes registered by a test are forgotten after it."""
+    registered, names = dict(modes._MODES), list(DistillConfig.mode_names)
+    yield
+    modes._MODES.clear()
+    modes._MODES.update(registered)
+    DistillConfig.mode_names[:] = names
+
+
+def _build_mean_match(setup: modes.ModeSetup):
+    """A toy mode: pull the student's mean feature (through a learnable scale) to the teacher's on mammography."""
+
+    def mean_match(batch, losses, features, ctx):
+        mammo = move_batch(next(setup.teacher_batches), ctx.device)
+        with torch.no_grad():
+            target = setup.teacher.distill_features(mammo["images"]).float().mean()
+        student = ctx.extra_modules["scale"](features.float().mean().reshape(1, 1))
+        return {"mean_match": ((student - target) ** 2).sum()}
+
+    return mean_match, {"scale": torch.nn.Linear(1, 1)}
+
+
+def test_a_registered_mode_runs_through_config_cli_and_distill(tmp_path, tiny_caches, tiny_teacher, registry_restored,
+                                                             capsys):
+    """One register_mode call, nothing else: the config accepts the mode and `comoto distill` trains with it."""
+    modes.register_mode(modes.DistillMode(
+        name="mean-match", label="Mean matching", description="toy: match the teacher's mean feature",
+        init="teacher", teacher_images="all", build=_build_mean_match))
+    assert DistillConfig.model_validate({"mode": "mean-match"}).mode == "mean-match"
+    out = tmp_path / "run"
+    config = tmp_path / "student.json"
+    config.write_text(json.dumps({**TINY_TRAIN, "epochs": 1}))
+    with pytest.raises(SystemExit) as info:
+        main(["distill", "--cache", str(tiny_caches["dbt"]), "--teacher", str(tiny_teacher), "--teacher-cache",
+              str(tiny_caches["mammo"]), "--out", str(out), "--mode", "mean-match", "--config", str(config)])
+    assert info.value.code == 0, capsys.readouterr().err
+    assert _history(out)[0]["losses"]["mean_match"] >= 0
+    from comoto_cli.networks.checkpoint import load_checkpoint
+
+    last = load_checkpoint(out / "last.pt")
+    assert last["metadata"]["mode"] == "mean-match" and "scale" in last["extra_states"]
+    assert last["metadata"]["teacher_images"] > 0  # all mammography training images, not lesion ones only
+    # What it needs is checked like the built-in modes' needs.
+    with pytest.raises(UsageError, match="--teacher-cache"):
+        run_distill(_config(tiny_caches, tiny_teacher, tmp_path / "other", "mean-match", teacher_cache=None))
+    with pytest.raises(ValueError, match="already registered"):
+        modes.register_mode(modes.DistillMode(name="mean-match", label="x", description="x"))
+
+
+def test_unknown_mode_lists_the_registered_ones(registry_restored):
+    with pytest.raises(ValueError) as info:
+        DistillConfig.model_validate({"mode": "magic"})
+    assert all(name in str(info.value) for name in ("lesion", "image", "pretrain", "none"))
+    modes.register_mode(modes.DistillMode(name="magic", label="Magic", description="no extra loss"))
+    assert DistillConfig.model_validate({"mode": "magic"}).mode == "magic"
+    with pytest.raises(ValueError, match="lower-case"):
+        modes.register_mode(modes.DistillMode(name="a+b", label="x", description="x"))
+
+
+def test_the_registry_loads_without_torch_and_its_factories_resolve():
+    """The CLI reads the registry for its help, which must not load torch; built-in factories load on use."""
+    code = "import sys, comoto_cli.engine.modes, comoto_cli.cli; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    for mode in modes.registered_modes():
+        assert mode.build is None or callable(mode.factory()), mode.name
 
 
 def test_kill_and_resume(tmp_path, tiny_caches, tiny_teacher):
@@ -129,7 +217,7 @@ def test_kill_and_resume(tmp_path, tiny_caches, tiny_teacher):
     command = [sys.executable, "-m", "comoto_cli", "distill", "--cache", str(tiny_caches["dbt"]), "--teacher",
                str(tiny_teacher), "--teacher-cache", str(tiny_caches["mammo"]), "--out", str(out), "--mode",
                "lesion", "--config", str(config)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = TRAINING_SUBPROCESS_ENV
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 120
     while not (out / "last.pt").exists() and time.time() < deadline and process.poll() is None:

@@ -10,37 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from comoto_cli.cache import CacheWriter, VolumeRecord
 from comoto_cli.config import AugmentConfig, TrainConfig
-
-TINY_MODEL = {"backbone": "resnet18", "width": [8, 16, 32, 64], "fpn_channels": 16, "anchor_base_sizes": [16.0, 16.0]}
-
-
-def build_tiny_cache(path: Path, *, height: int = 64, width: int = 64, train: int = 12, val: int = 4,
-                     normal_every: int = 4, seed: int = 0, modality: str = "mammo") -> Path:
-    """A cache of noisy images, most with one bright disk (the lesion) and its box; every ``normal_every``-th
-    image lesion-free. One single-slice 'volume' per image, as mammography caches store them."""
-    rng = np.random.default_rng(seed)
-    writer = CacheWriter(path, modality=modality, image_height=height, image_width=width, config_json="{}",
-                         config_hash="tinyhash")
-    yy, xx = np.mgrid[0:height, 0:width]
-    for index in range(train + val):
-        image = 0.2 + 0.05 * rng.standard_normal((height, width))
-        boxes, lesions = [], []
-        if index % normal_every != normal_every - 1:
-            radius = rng.uniform(5, 8)
-            cy, cx = rng.uniform(radius + 2, height - radius - 2), rng.uniform(radius + 2, width - radius - 2)
-            image[(yy + 0.5 - cy) ** 2 + (xx + 0.5 - cx) ** 2 <= radius**2] += 0.6
-            boxes.append([cx - radius, cy - radius, cx + radius, cy + radius])
-            lesions.append((0, cx - radius, cy - radius, 2 * radius, 2 * radius))
-        record = VolumeRecord(patient_id=f"P{index}", study_uid=f"S{index}", view="lcc",
-                              split="train" if index < train else "val", source=f"img{index}.dcm", num_slices=1,
-                              original_height=height, original_width=width, scale_y=1.0, scale_x=1.0,
-                              lesions=lesions, lesion_classes=["Mass"] * len(lesions))
-        writer.add_volume(record, [0], np.clip(image, 0, 1)[None], [np.asarray(boxes, np.float32).reshape(-1, 4)],
-                          [np.arange(len(boxes))])
-    writer.close()
-    return Path(path)
+from tests.conftest import TINY_MODEL, build_tiny_cache
 
 
 def tiny_config(**changes) -> TrainConfig:
@@ -212,6 +183,7 @@ def _without_time(history):
     return [{k: v for k, v in record.items() if k != "time"} for record in history]
 
 
+@pytest.mark.trained
 def test_training_reduces_loss_logs_and_checkpoints(tmp_path, tiny_cache):
     from comoto_cli.networks.checkpoint import load_checkpoint
 
@@ -240,6 +212,7 @@ def test_training_reduces_loss_logs_and_checkpoints(tmp_path, tiny_cache):
     assert best_epoch == int(np.argmax(scores)) + 1
 
 
+@pytest.mark.trained
 def test_same_seed_same_metrics_and_resume_matches(tmp_path, tiny_cache):
     config = tiny_config(epochs=3, best_metric="score", optim={"name": "sgd", "lr": 0.01, "scheduler": "step",
                                                                 "step_size": 1, "gamma": 0.5, "grad_clip": 5.0})

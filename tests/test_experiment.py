@@ -8,7 +8,9 @@ import json
 import pytest
 
 from comoto_cli.cli import main
-from comoto_cli.experiment import seed_interval
+from comoto_cli.config import ExperimentConfig
+from comoto_cli.errors import UsageError
+from comoto_cli.experiment import method_label, seed_interval
 from tests.conftest import TINY_CACHE_SIZE, TINY_TRAIN
 
 
@@ -19,6 +21,7 @@ def test_seed_interval():
     assert seed_interval([0.0, 1.0]) == (0.5, 0.0, 1.0)  # clipped to the range of a sensitivity
 
 
+@pytest.mark.trained
 def test_miniature_experiment(tmp_path, tiny_synth, capsys):
     split = {"val_fraction": 0.25, "test_fraction": 0.25}
     config = {
@@ -56,6 +59,24 @@ def test_miniature_experiment(tmp_path, tiny_synth, capsys):
     assert info.value.code == 0
     assert (out / "students" / "none_r1_s0" / "best.pt").stat().st_mtime_ns == stamp
     assert "experiment: DBT only" not in capsys.readouterr().out
+
+
+def test_every_run_is_checked_before_anything_runs(tmp_path, monkeypatch):
+    from comoto_cli import experiment
+
+    monkeypatch.setattr(experiment, "_prepare_data", lambda *args: pytest.fail("a bad experiment went on"))
+    base = {"out": str(tmp_path / "exp"), "methods": ["none", "lesion+impa"], "train_ratios": [1.0], "seeds": [0]}
+    for changes, fragment in [({"student": {"best_metric": "mean_sensitivity"}}, "best_metric: 'mean_sensitivity'"),
+                              ({"teacher": {"best_metric": "num_predictions"}}, "of train-teacher"),
+                              ({"methods": ["lesion", "none+impa"]}, "mode none uses no teacher")]:
+        with pytest.raises(UsageError, match=fragment):
+            experiment.run_experiment(ExperimentConfig.model_validate({**base, **changes}))
+    assert not (tmp_path / "exp").exists()
+
+
+def test_method_labels_come_from_the_mode_registry():
+    assert [method_label(m) for m in ("none", "pretrain", "image", "lesion", "lesion+impa", "image+impa")] == [
+        "DBT only", "Mammography pretraining", "Image-level KD", "LsKD", "LsKD + ImPA (CoMoTo)", "Image-level KD + ImPA"]
 
 
 def test_plot_marks_every_seed(tmp_path, monkeypatch):

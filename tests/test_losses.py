@@ -1,4 +1,4 @@
-"""CoMoTo losses against hand-computed values (DESIGN.md section 3, reference semantics)."""
+"""CoMoTo losses against hand-computed values (docs/design.md section 3, reference semantics)."""
 
 from __future__ import annotations
 

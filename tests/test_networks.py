@@ -4,27 +4,22 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from comoto_cli.config import ModelConfig
 from comoto_cli.errors import CheckpointError, UsageError
 from comoto_cli.networks.backbone import ResNetFPNBackbone
-from comoto_cli.networks.detector import build_detector
+from comoto_cli.networks.box_nms import greedy_nms
+from comoto_cli.networks.detector import build_detector, monai_detections
+from tests.conftest import tiny_model_config
 
 HEIGHT, WIDTH = 128, 64
 
 
 def tiny_config(**changes) -> ModelConfig:
-    values = {
-        "backbone": "resnet18",
-        "width": [8, 16, 32, 64],
-        "fpn_channels": 16,
-        "anchor_base_sizes": [16.0, 16.0],
-        "returned_layers": [1, 2, 3],
-    }
-    values.update(changes)
-    return ModelConfig(**values)
+    return tiny_model_config(**{"returned_layers": [1, 2, 3], **changes})
 
 
 def lesion_batch():
@@ -143,6 +138,54 @@ def test_build_validation_errors():
     detector = build_detector(tiny_config(), (64, 64))
     with pytest.raises(UsageError):
         detector.predict(torch.zeros(1, 1, 48, 64))
+
+
+# ---------------------------------------------------------------------------------------------- prediction
+def random_boxes(rng, count: int, quantise: bool) -> np.ndarray:
+    corner = rng.uniform(0, 200, (count, 2))
+    boxes = np.concatenate([corner, corner + rng.uniform(1, 60, (count, 2))], axis=1).astype(np.float32)
+    if quantise:  # many identical boxes and exact IoU ties
+        boxes = np.round(boxes / 8) * 8
+        boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2] + 8)
+    return boxes
+
+
+def test_greedy_nms_equals_monai_nms():
+    from monai.data.box_utils import non_max_suppression
+
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        count = int(rng.integers(1, 900))
+        boxes = random_boxes(rng, count, quantise=trial % 3 == 0)
+        scores = rng.random(count).astype(np.float32)
+        if trial % 4 == 0:
+            scores = np.round(scores * 10) / 10  # score ties: the stable sort decides
+        threshold = float(rng.choice([0.1, 0.22, 0.5]))
+        limit = int(rng.choice([-1, 5, 100]))
+        expected = non_max_suppression(torch.from_numpy(boxes), torch.from_numpy(scores), threshold,
+                                       max_proposals=limit).numpy()
+        np.testing.assert_array_equal(greedy_nms(boxes, scores, threshold, limit), expected)
+
+
+@pytest.mark.parametrize("returned_layers", [[2, 3, 4], [1, 2, 3]])
+def test_predict_equals_monai_postprocessing(returned_layers):
+    torch.manual_seed(0)
+    config = tiny_config(returned_layers=returned_layers, topk_candidates_per_level=40, detections_per_image=25,
+                         score_threshold=0.3)
+    detector = build_detector(config, (HEIGHT, WIDTH)).train()
+    # An untrained RetinaNet scores every anchor near its prior (0.01); lift the classification bias so that
+    # many anchors pass the score threshold and top-k, NMS and the detection cap all have work to do.
+    detector.detector.network.classification_head.cls_logits.bias.data.fill_(-0.4)
+    images = torch.rand(3, 1, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(1))
+    reference = monai_detections(detector, images)
+    predicted = detector.predict(images)
+    assert detector.training  # both restore the mode
+    counts = []
+    for ref, got in zip(reference, predicted, strict=True):
+        counts.append(len(got["scores"]))
+        assert got["boxes"].dtype == got["scores"].dtype == torch.float32
+        assert torch.equal(got["boxes"], ref["boxes"]) and torch.equal(got["scores"], ref["scores"])
+    assert max(counts) == 25  # the detection cap was reached: top-k, NMS and the cap were exercised
 
 
 # ---------------------------------------------------------------------------------------------- user weights

@@ -1,7 +1,8 @@
 """`comoto predict` on DICOM files and `evaluate_checkpoint` on caches, with a tiny detector trained here.
 
-The detector is trained for a few dozen CPU steps on bright disks over a sloped background (the look of the
-phantom volumes below), so the tests can ask that its best detection lands on the lesion.
+The detector is trained on bright disks over a sloped background (the look of the phantom volumes below) until it
+finds held-out disks (a criterion, not a step count: see ``checkpoint``), so the tests can ask that its best
+detection lands on the lesion on any CPU.
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ from comoto_cli.errors import CheckpointError
 from comoto_cli.inference.volume import DBTEX_COLUMNS
 from comoto_cli.transforms.resize import resize_area
 from comoto_cli.utils.csvio import read_csv
+from tests.conftest import TRAJECTORY_SEED, tiny_model_config
 
 HEIGHT, WIDTH = 128, 64  # model / cache frame
 ROWS, COLS, SLICES = 512, 256, 12  # official frame of the phantom volumes
+pytestmark = pytest.mark.trained
+
 DBTEX_KEYS = {"sensitivity_at_2_fps_all", "sensitivity_at_1_fps_positive", "sensitivity_at_2_fps_positive",
               "sensitivity_at_3_fps_positive", "sensitivity_at_4_fps_positive", "mean_sensitivity_positive"}
 
@@ -69,29 +73,72 @@ def training_batch(rng, size: int = 8):
 
 
 def tiny_config() -> ModelConfig:
-    return ModelConfig(backbone="resnet18", width=[8, 16, 32, 64], fpn_channels=16, returned_layers=[1, 2, 3],
-                       anchor_base_sizes=[16.0, 16.0])
+    return tiny_model_config(returned_layers=[1, 2, 3])
+
+
+def held_out_disks(seed: int = 99, size: int = 12):
+    """Images that each hold one disk, and the disks as (cx, cy, r, contrast): what the detector must find."""
+    rng = np.random.default_rng(seed)
+    images, disks = [], []
+    for index in range(size):
+        image = background(rng, (HEIGHT, WIDTH), bright_left=index % 2 == 0)
+        r = rng.uniform(4.5, 9.5)
+        cx, cy, contrast = rng.uniform(r + 1, WIDTH - r - 1), rng.uniform(r + 1, HEIGHT - r - 1), rng.uniform(0.3, 0.45)
+        image[disk(image.shape, cx, cy, r)] += contrast
+        images.append(np.clip(image, 0, 1).astype(np.float32))
+        disks.append((cx, cy, r, contrast))
+    return torch.from_numpy(np.stack(images))[:, None], disks
+
+
+def finds_every_disk(model, images, disks) -> bool:
+    """The trained-model criterion: on every held-out image the best box is centred on the disk with about its
+    size, and the same disk at a third of its contrast (a DBT slice two away from a mass's centre) scores lower.
+    The volume tests below ask exactly this of the detector, slice by slice."""
+    faint = images.clone()
+    for index, (cx, cy, r, contrast) in enumerate(disks):
+        faint[index, 0][torch.from_numpy(disk(images.shape[-2:], cx, cy, r))] -= contrast * 2 / 3
+    for sharp, fainter, (cx, cy, r, _) in zip(model.predict(images), model.predict(faint), disks):
+        boxes, scores = np.asarray(sharp["boxes"]), np.asarray(sharp["scores"])
+        if len(scores) == 0:
+            return False
+        x0, y0, x1, y1 = boxes[int(np.argmax(scores))]
+        if not (abs((x0 + x1) / 2 - cx) < r / 2 and abs((y0 + y1) / 2 - cy) < r / 2 and 0.5 * r < (x1 - x0) / 2 < 2 * r):
+            return False
+        if len(fainter["scores"]) and float(np.max(np.asarray(fainter["scores"]))) >= float(np.max(scores)):
+            return False
+    return True
+
+
+MAX_STEPS, CHECK_EVERY = 300, 20
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
+    """A tiny detector trained until it meets :func:`finds_every_disk` (checked every 20 steps), not for a fixed
+    number of steps: float results differ between CPUs, so a fixed step count gives a different detector on each;
+    a measured criterion gives one that does what the tests ask on any of them."""
     from comoto_cli.networks.checkpoint import save_checkpoint
     from comoto_cli.networks.detector import build_detector
 
-    torch.manual_seed(0)
+    torch.manual_seed(TRAJECTORY_SEED)
     model = build_detector(tiny_config(), (HEIGHT, WIDTH))
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    rng = np.random.default_rng(0)
-    model.train()
-    for _ in range(40):
+    rng = np.random.default_rng(TRAJECTORY_SEED)
+    held_out = held_out_disks()
+    for step in range(1, MAX_STEPS + 1):
+        model.train()
         images, targets = training_batch(rng)
         losses, _ = model.forward_train(images, targets)
         optimizer.zero_grad()
         sum(losses.values()).backward()
         optimizer.step()
+        if step % CHECK_EVERY == 0 and finds_every_disk(model, *held_out):
+            break
+    else:
+        pytest.fail(f"the test detector did not learn to find the held-out disks in {MAX_STEPS} steps")
     path = tmp_path_factory.mktemp("ckpt") / "best.pt"
     save_checkpoint(path, model_state=model.state_dict(), model_config=tiny_config(), image_size=(HEIGHT, WIDTH),
-                    metadata={"note": "test detector"})
+                    metadata={"note": "test detector", "steps": step})
     return path
 
 
@@ -139,7 +186,7 @@ def run_cli(argv: list[str]) -> int:
 
 
 def dbtex_hit(x, y, width, height, z, depth, lesion, volume_slices: int) -> bool:
-    """The official scorer's hit rule (DESIGN.md section 2)."""
+    """The official scorer's hit rule (docs/design.md section 2)."""
     gz, cx, cy, r = lesion
     distance = math.hypot(x + width / 2 - cx, y + height / 2 - cy)
     return distance <= max(math.hypot(2 * r, 2 * r) / 2, 100) and abs(z + depth / 2 - gz) <= volume_slices / 4
@@ -171,10 +218,11 @@ def test_predict_csv_finds_the_lesions_with_overlays(checkpoint, dicom_folder, t
         width, height = table.floats("Width")[top], table.floats("Height")[top]
         z, depth = table.floats("Z")[top], table.floats("Depth")[top]
         assert dbtex_hit(x, y, width, height, z, depth, lesion, SLICES), (patient, x, y, width, height, z)
-        # Stricter than the DBTex rule (its 100-pixel radius is generous on a 512 x 256 image): the box
-        # centre lies inside the lesion's box, on a slice next to its centre, with about its size.
+        # Stricter than the DBTex rule (its 100-pixel radius is generous on a 512 x 256 image, its depth rule allows
+        # 3 slices here), with a margin to it: the box centre lies inside the lesion's box, on a slice where the
+        # lesion shows (its contrast fades to nothing 3 slices away), with about its size.
         gz, cx, cy, r = lesion
-        assert abs(x + width / 2 - cx) < r and abs(y + height / 2 - cy) < r and abs(z - gz) <= 1
+        assert abs(x + width / 2 - cx) < r and abs(y + height / 2 - cy) < r and abs(z - gz) <= 2
         assert 0.5 * r < width / 2 < 2 * r and depth == 0
     pngs = sorted(overlays.glob("*.png"))
     assert len(pngs) == 3

@@ -10,28 +10,26 @@ import numpy as np
 import pytest
 import torch
 
-from comoto_cli.config import InferenceConfig, ModelConfig
+from comoto_cli.config import InferenceConfig
 from comoto_cli.data import dicom_io
 from comoto_cli.inference import predict as predict_module
 from comoto_cli.inference import volume as volume_module
 from comoto_cli.inference.volume import DBTEX_COLUMNS, detect_volume, detections_to_dbtex, forward_batch_size
 from comoto_cli.transforms.resize import resize_area
 from comoto_cli.utils.csvio import read_csv
+from tests.conftest import tiny_model_config
 
 HEIGHT, WIDTH = 128, 64  # model frame
 SLICES, ROWS, COLS = 10, 300, 170  # official frame: not a whole multiple of the model's size
 
 
-def tiny_model_config() -> ModelConfig:
-    return ModelConfig(backbone="resnet18", width=[8, 16, 32, 64], fpn_channels=16, anchor_base_sizes=[16.0, 16.0],
-                       detections_per_image=20)
 
 
 def tiny_detector():
     from comoto_cli.networks.detector import build_detector
 
     torch.manual_seed(0)
-    model = build_detector(tiny_model_config(), (HEIGHT, WIDTH)).eval()
+    model = build_detector(tiny_model_config(detections_per_image=20), (HEIGHT, WIDTH)).eval()
     head = model.detector.network.classification_head
     last = [module for module in head.modules() if isinstance(module, torch.nn.Conv2d)][-1]
     last.bias.data.fill_(-0.4)
@@ -48,7 +46,7 @@ def checkpoint(tmp_path_factory, model):
     from comoto_cli.networks.checkpoint import save_checkpoint
 
     path = tmp_path_factory.mktemp("stream_ckpt") / "best.pt"
-    save_checkpoint(path, model_state=model.state_dict(), model_config=tiny_model_config(),
+    save_checkpoint(path, model_state=model.state_dict(), model_config=tiny_model_config(detections_per_image=20),
                     image_size=(HEIGHT, WIDTH), metadata={"note": "streaming test detector"})
     return path
 
@@ -140,7 +138,7 @@ def test_streamed_predictions_equal_the_whole_array_path(model, volume_path, mon
     assert len(expected["Score"]) > 10  # many boxes: the comparison means something
 
     log = FrameLog(monkeypatch)
-    results = predict_module.predict_inputs(model, [volume_path], config, "cpu", progress=False)
+    results = predict_module.detect_files(model, [volume_path], config, "cpu", progress=False)
     assert log.read_all_calls == 0
     (result,) = results
     assert result.kind == "dbt" and result.image_shape == (SLICES, ROWS, COLS)

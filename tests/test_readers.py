@@ -23,8 +23,8 @@ from comoto_cli.data.dicom_io import (
     read_dbt_header,
     read_dbt_volume,
     read_dicom_image,
-    read_dicom_view,
     read_mammogram,
+    view_from_dataset,
 )
 from comoto_cli.errors import InputDataError
 
@@ -556,7 +556,7 @@ def test_read_dicom_image_dbt_uses_tags(tmp_path):
     path = make_dbt(tmp_path / "v.dcm", volume, 2000, 3000, ImageLaterality="R", ViewPosition="MLO")
     array, kind = read_dicom_image(path)
     assert kind == "dbt"
-    assert read_dicom_view(path) == "rmlo"
+    assert view_from_dataset(pydicom.dcmread(path, stop_before_pixels=True)) == ("r", "mlo")
     np.testing.assert_array_equal(as_levels(array), official_reference(volume, "rmlo", 2000, 3000))
 
 
@@ -579,7 +579,7 @@ def test_read_dicom_image_unknown_laterality_means_no_flip(tmp_path):
         array, kind = read_dicom_image(path)
         assert kind == "dbt"
         np.testing.assert_array_equal(as_levels(array), _skimage_rescale_dtype(volume, 500.0, 3500.0))
-        assert read_dicom_view(path) == ""
+        assert view_from_dataset(pydicom.dcmread(path, stop_before_pixels=True))[0] == ""
 
 
 def test_read_dicom_image_mammogram(tmp_path):

@@ -12,8 +12,7 @@ import pytest
 from comoto_cli.cache.shards import parse_shard
 from comoto_cli.cli import main
 from comoto_cli.config import PreprocessConfig
-from comoto_cli.data import dicom_io
-from comoto_cli.errors import InputDataError, UsageError
+from comoto_cli.errors import UsageError
 from comoto_cli.preprocess.merge import merge_caches
 from comoto_cli.preprocess.pipeline import preprocess
 from comoto_cli.preprocess.summary import cache_content_hash
@@ -44,19 +43,12 @@ def _run_cli(argv: list, capsys) -> tuple[int, str]:
 
 
 # ---------------------------------------------------------------------------------------------- fake data
-def test_shards_then_merge_equal_one_run_with_skipped_inputs_and_empty_shards(fake, tmp_path, monkeypatch):
+def test_shards_then_merge_equal_one_run_with_skipped_inputs_and_empty_shards(fake, tmp_path):
     records = fake()
     bad = next(r for r in records if r.boxes).boxes[0]
     bad.x = 40.0  # outside the image: skipped while planning, listed by every shard
     broken = next(r for r in records if not r.boxes).path  # fails while decoding: listed by its shard only
-    fake_open = dicom_io.open_dbt
-
-    def open_dbt(path, view, row=None, csv=None, decoder="auto"):
-        if Path(path) == broken:
-            raise InputDataError("simulated undecodable frame", path=path)
-        return fake_open(path, view, row, csv, decoder)
-
-    monkeypatch.setattr(dicom_io, "open_dbt", open_dbt)
+    fake.state["unreadable"].add(Path(broken))
     config = _config(on_error="skip", lesion_slice_offset=1)
     single = tmp_path / "single.h5"
     report = preprocess(fake.root, single, config, progress=False)

@@ -8,18 +8,25 @@ from pathlib import Path
 
 import pytest
 
+from comoto_cli.config import PreprocessConfig
+from comoto_cli.data.adapters import adapter_for
+from comoto_cli.data.adapters.bcs_dbt import discover_bcs_dbt
+from comoto_cli.data.adapters.manifest import read_manifest
+from comoto_cli.data.adapters.vindr import discover_vindr
 from comoto_cli.data.sources import (
     ImageRecord,
     LesionBox,
     check_box_in_image,
-    discover_bcs_dbt,
-    discover_mammo,
-    discover_vindr,
     find_csv_by_columns,
-    read_manifest,
     safe_join,
 )
 from comoto_cli.errors import InputDataError
+
+
+def discover_mammo(root: Path, *, manifest_csv: Path | None = None) -> list[ImageRecord]:
+    """Mammograms as `comoto preprocess mammo` finds them: the adapter chosen from the config, as before adapters."""
+    config = PreprocessConfig(modality="mammo", manifest_csv=manifest_csv)
+    return adapter_for(config).discover(root, config, None)
 
 PATHS_HEADER = ["PatientID", "StudyUID", "View", "descriptive_path", "classic_path"]
 LABELS_HEADER = ["PatientID", "StudyUID", "View", "Normal", "Actionable", "Benign", "Cancer"]

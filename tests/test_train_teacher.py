@@ -4,7 +4,6 @@ that load with weights_only, a run killed with SIGKILL and resumed, determinism,
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,10 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-try:
-    from tests.test_engine import TINY_MODEL, build_tiny_cache
-except ImportError:  # tests/ is not a package: pytest put it on sys.path
-    from test_engine import TINY_MODEL, build_tiny_cache
+from tests.conftest import TINY_MODEL, TRAINING_SUBPROCESS_ENV, build_tiny_cache
+
+pytestmark = pytest.mark.trained  # `make test` reruns these on 2 torch threads
 
 
 def _config_file(folder: Path, **changes) -> Path:
@@ -102,7 +100,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     config = _config_file(tmp_path, epochs=5)
     command = [sys.executable, "-m", "comoto_cli", "train-teacher", "--cache", str(cache), "--out",
                str(tmp_path / "killed"), "--config", str(config), "--impa"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = TRAINING_SUBPROCESS_ENV
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     last = tmp_path / "killed" / "last.pt"
     deadline = time.monotonic() + 120
@@ -135,5 +133,6 @@ def test_usage_errors(tmp_path, cache, impa_run, capsys):
     assert "mammography" in capsys.readouterr().err
     bad = _config_file(tmp_path, epochs=1, best_metric="accuracy")
     assert _cli("train-teacher", "--cache", cache, "--out", tmp_path / "z", "--config", bad) == 2
-    assert "best_metric" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "best_metric" in err and "mean_sensitivity" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "z").exists() and not (tmp_path / "y").exists()

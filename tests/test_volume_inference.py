@@ -1,5 +1,5 @@
-"""Volume inference: batching, edge slices, volume NMS, mapping back to the official frame, the fast
-post-processing path, and inference over a cache split."""
+"""Volume inference: batching, edge slices, volume NMS, mapping back to the official frame, and inference over
+a cache split."""
 
 from __future__ import annotations
 
@@ -8,18 +8,17 @@ import pytest
 import torch
 
 from comoto_cli.cache.h5cache import CacheWriter, SliceCache, VolumeRecord
-from comoto_cli.config import InferenceConfig, ModelConfig
+from comoto_cli.config import InferenceConfig
 from comoto_cli.errors import InputDataError, UsageError
 from comoto_cli.inference.volume import (
     DBTEX_COLUMNS,
-    _nms_keep,
+    detect_cache,
     detect_volume,
-    fast_predict,
-    predict_cache,
     slice_range,
     top_volume_nms,
     volume_predictions,
 )
+from tests.conftest import tiny_model_config
 
 HEIGHT, WIDTH = 64, 32
 
@@ -57,10 +56,8 @@ def coded_volume(num_slices: int) -> np.ndarray:
 def tiny_detector(**changes):
     from comoto_cli.networks.detector import build_detector
 
-    values = {"backbone": "resnet18", "width": [8, 16, 32, 64], "fpn_channels": 16, "anchor_base_sizes": [16.0, 16.0]}
-    values.update(changes)
     torch.manual_seed(0)
-    model = build_detector(ModelConfig(**values), (HEIGHT * 2, WIDTH * 2)).eval()
+    model = build_detector(tiny_model_config(**changes), (HEIGHT * 2, WIDTH * 2)).eval()
     # An untrained RetinaNet scores every anchor near its prior (0.01); lift the classification bias so that
     # many anchors pass the score threshold and top-k, NMS and the detection cap all have work to do.
     head = model.detector.network.classification_head
@@ -126,7 +123,7 @@ def test_max_boxes_per_volume_keeps_the_best():
     assert sorted(rows["Z"].tolist()) == [24, 32]
 
 
-# ---------------------------------------------------------------------------------------------- fast paths
+# ---------------------------------------------------------------------------------------------- volume NMS
 def random_boxes(rng, count: int, quantise: bool) -> np.ndarray:
     corner = rng.uniform(0, 200, (count, 2))
     boxes = np.concatenate([corner, corner + rng.uniform(1, 60, (count, 2))], axis=1).astype(np.float32)
@@ -134,23 +131,6 @@ def random_boxes(rng, count: int, quantise: bool) -> np.ndarray:
         boxes = np.round(boxes / 8) * 8
         boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2] + 8)
     return boxes
-
-
-def test_chunked_nms_equals_monai_nms():
-    from monai.data.box_utils import non_max_suppression
-
-    rng = np.random.default_rng(0)
-    for trial in range(40):
-        count = int(rng.integers(1, 900))
-        boxes = random_boxes(rng, count, quantise=trial % 3 == 0)
-        scores = rng.random(count).astype(np.float32)
-        if trial % 4 == 0:
-            scores = np.round(scores * 10) / 10  # score ties: the stable sort decides
-        threshold = float(rng.choice([0.1, 0.22, 0.5]))
-        limit = int(rng.choice([-1, 5, 100]))
-        expected = non_max_suppression(torch.from_numpy(boxes), torch.from_numpy(scores), threshold,
-                                       max_proposals=limit).numpy()
-        np.testing.assert_array_equal(_nms_keep(boxes, scores, threshold, limit), expected)
 
 
 def test_top_volume_nms_equals_volume_nms_on_everything():
@@ -172,32 +152,6 @@ def test_top_volume_nms_equals_volume_nms_on_everything():
 
 
 # ---------------------------------------------------------------------------------------------- real detector
-def test_fast_predict_equals_monai_postprocessing():
-    model = tiny_detector(topk_candidates_per_level=40, detections_per_image=25, score_threshold=0.3)
-    images = torch.rand(3, 1, HEIGHT * 2, WIDTH * 2, generator=torch.Generator().manual_seed(1))
-    reference = model.predict(images)
-    fast = fast_predict(model, images)
-    counts = []
-    for ref, got in zip(reference, fast):
-        counts.append(len(got["scores"]))
-        np.testing.assert_array_equal(got["boxes"], ref["boxes"].numpy())
-        np.testing.assert_array_equal(got["scores"], ref["scores"].numpy())
-    assert max(counts) == 25  # the detection cap was reached: top-k, NMS and the cap were exercised
-
-
-def test_benchmark_reports_the_ratio():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_inference.py"
-    spec = importlib.util.spec_from_file_location("bench_inference", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    result = bench.run(image_size=(64, 64), slices=3, batch_size=2, repeats=1, logit_bias=-2.0, device="cpu")
-    assert result["fast_equals_monai"] and result["detections_per_volume"] > 0
-    assert result["ratio"] == pytest.approx(result["volume_s"] / result["bare_forward_s"])
-
-
 def test_batch_size_does_not_change_results():
     model = tiny_detector(detections_per_image=30)
     volume = np.random.default_rng(0).random((7, HEIGHT * 2, WIDTH * 2), dtype=np.float32)
@@ -229,11 +183,11 @@ def write_cache(path, volumes: list[tuple[str, str, int, bool]]):
     return SliceCache(path)
 
 
-def test_predict_cache_covers_every_volume_of_the_split(tmp_path):
+def test_detect_cache_covers_every_volume_of_the_split(tmp_path):
     cache = write_cache(tmp_path / "c.h5", [("p1", "test", 10, True), ("p2", "val", 8, True),
                                             ("p3", "test", 12, True), ("p4", "train", 9, False)])
     plan = {4: [([2.0, 4.0, 12.0, 14.0], 0.9)]}
-    table = predict_cache(SliceCodedModel(plan), cache, "test", InferenceConfig(batch_size=4), "cpu", progress=False)
+    table = detect_cache(SliceCodedModel(plan), cache, "test", InferenceConfig(batch_size=4), "cpu", progress=False)
     assert list(table) == list(DBTEX_COLUMNS)
     assert table["PatientID"].tolist() == ["p1", "p3"]
     assert table["StudyUID"].tolist() == ["study-p1", "study-p3"]
@@ -242,7 +196,7 @@ def test_predict_cache_covers_every_volume_of_the_split(tmp_path):
     assert table["Width"].tolist() == pytest.approx([20.0, 20.0])
     assert table["Height"].tolist() == pytest.approx([40.0, 40.0])
     with pytest.raises(UsageError, match="stores 1 of its 9 slices"):
-        predict_cache(SliceCodedModel(plan), cache, "train", InferenceConfig(), "cpu", progress=False)
+        detect_cache(SliceCodedModel(plan), cache, "train", InferenceConfig(), "cpu", progress=False)
     cache.close()
 
 
@@ -254,8 +208,8 @@ def test_slices_read_ahead_by_worker_processes_give_the_same_predictions(tmp_pat
     for skip in (0, 2):
         config = InferenceConfig(batch_size=3, skip_edge_slices=skip, num_workers=0)
         inline_model, ahead_model = SliceCodedModel(plan), SliceCodedModel(plan)
-        inline = predict_cache(inline_model, cache, "test", config, "cpu", progress=False)
-        ahead = predict_cache(ahead_model, cache, "test", config.model_copy(update={"num_workers": 2}), "cpu",
+        inline = detect_cache(inline_model, cache, "test", config, "cpu", progress=False)
+        ahead = detect_cache(ahead_model, cache, "test", config.model_copy(update={"num_workers": 2}), "cpu",
                               progress=False)
         # The model reads each slice's index from its pixels: the streamed slices came in the same order.
         assert ahead_model.seen == inline_model.seen and len(inline_model.seen) == 22 - 4 * skip

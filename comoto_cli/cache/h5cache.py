@@ -1,6 +1,6 @@
 """The HDF5 slice cache: written once by ``comoto preprocess``, read by every later step.
 
-Layout (format version 1; the README's "Cache layout" section says the same):
+Layout (format version 1; the README's "Cache layout" section and docs/design.md section 5 say the same):
 
 ``/`` attributes
     ``format_version`` (int), ``modality`` ("dbt" | "mammo"), ``config_json`` and ``config_hash`` (the
@@ -321,12 +321,6 @@ class SliceCache:
     def volume_slice_rows(self, volume: int) -> slice:
         start = int(self.volumes["slice_start"][volume])
         return slice(start, start + int(self.volumes["slice_count"][volume]))
-
-    def volume_lesions(self, volume: int) -> np.ndarray:
-        """(k, 5) float64 rows of (slice, x, y, width, height) in the official frame."""
-        rows = np.flatnonzero(self.lesions["volume"] == volume)
-        return np.stack([self.lesions["slice"][rows].astype(np.float64), self.lesions["x"][rows],
-                         self.lesions["y"][rows], self.lesions["width"][rows], self.lesions["height"][rows]], axis=1)
 
     def preprocess_config(self) -> dict:
         return json.loads(self.attrs["config_json"])

@@ -1,5 +1,6 @@
-"""``comoto distill``: the DBT student with LsKD, or one of the paper's baselines (image-level KD,
-pretraining, DBT only). The library is :mod:`comoto_cli.engine.distill`."""
+"""``comoto distill``: the DBT student with LsKD, or another registered distillation mode (the paper's baselines:
+image-level KD, pretraining, DBT only; :mod:`comoto_cli.engine.modes`). The library is
+:mod:`comoto_cli.engine.distill`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ import typer
 
 from comoto_cli.commands.common import CONFIG_OPTION_HELP, NUM_WORKERS_HELP, VAL_EVERY_HELP, console, resolve_config
 from comoto_cli.config import DistillConfig
+from comoto_cli.engine.modes import modes_help  # no torch: the help stays fast
+
+# "\\[": a literal bracket, not rich markup (which would swallow "[default: ...]").
+MODE_HELP = f"Distillation mode \\[default: {DistillConfig.model_fields['mode'].default}]: {modes_help()}."
 
 
 def distill(
@@ -16,7 +21,7 @@ def distill(
     teacher: Path | None = typer.Option(None, "--teacher", help="Teacher checkpoint (best.pt of train-teacher)."),
     teacher_cache: Path | None = typer.Option(None, "--teacher-cache", help="Mammography cache (unpaired batches)."),
     out: Path | None = typer.Option(None, "--out", help="Run folder: checkpoints, metrics.jsonl, config.json."),
-    mode: str | None = typer.Option(None, "--mode", help="lesion (LsKD) | image | pretrain | none [default: lesion]."),
+    mode: str | None = typer.Option(None, "--mode", help=MODE_HELP),
     train_ratio: float | None = typer.Option(None, "--train-ratio", help="Fraction of training patients (0-1]."),
     config_file: Path | None = typer.Option(None, "--config", "-c", help=CONFIG_OPTION_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt (model, optimiser, epoch, RNG)."),

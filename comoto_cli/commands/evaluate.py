@@ -87,14 +87,8 @@ def evaluate(
     missing = [name for name, value in model_inputs.items() if value is None]
     if missing:
         raise UsageError(f"checkpoint evaluation needs {' and '.join(missing)}")
-    try:
-        from comoto_cli.evaluation.evaluate_checkpoint import evaluate_checkpoint
-    except ModuleNotFoundError as exc:
-        if exc.name != "comoto_cli.evaluation.evaluate_checkpoint":
-            raise
-        raise UsageError("checkpoint evaluation is not available yet; score a CSV with --predictions") from None
-    # Contract: runs volume inference on the split, writes DIR/predictions.csv and the report through
-    # comoto_cli.metrics.report.write_dbtex_report, and returns the metrics.json payload.
+    from comoto_cli.evaluation.evaluate_checkpoint import evaluate_checkpoint
+
     with all_or_nothing(settings.out):
         evaluate_checkpoint(settings)
 

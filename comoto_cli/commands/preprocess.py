@@ -70,6 +70,10 @@ _CSV_HELP = ("BCS-DBT {what} CSV (default: found in ROOT by its columns). Repeat
              "--{what}-csv validation=F2; a lone plain CSV has no split of its own.")
 _ACCEPT_HELP = ("Read Secondary Capture / generic X-ray images with this Modality (e.g. RG: digitised film) as "
                 "mammograms: you vouch that they are. Repeatable. Default: only Modality MG.")
+_DATASET_HELP = ("Dataset adapter reading ROOT, by name (comoto_cli.data.adapters), e.g. bcs-dbt for dbt; vindr, "
+                 "manifest, jsonl for mammo. Default: bcs-dbt for dbt; for mammo manifest with --manifest-csv, else "
+                 "vindr.")
+_INPUT_HELP = ("An input file of the dataset adapter, e.g. manifest=images.jsonl for --dataset jsonl. Repeatable.")
 _DECODER_HELP = ("JPEG 2000 decoder: auto (pylibjpeg-openjpeg: most frames per core), pylibjpeg, gdcm or pillow. "
                  "Speed only: every decoder gives the same pixels.")
 
@@ -97,6 +101,8 @@ def dbt(
         None, "--labels-csv", metavar="[SPLIT=]CSV", help=_CSV_HELP.format(what="labels")),
     boxes_csv: list[str] | None = typer.Option(
         None, "--boxes-csv", metavar="[SPLIT=]CSV", help=_CSV_HELP.format(what="boxes")),
+    dataset: str | None = typer.Option(None, "--dataset", metavar="NAME", help=_DATASET_HELP),
+    inputs: list[str] | None = typer.Option(None, "--input", metavar="NAME=PATH", help=_INPUT_HELP),
     shard: str | None = typer.Option(None, "--shard", metavar="K/N", help=_SHARD_HELP, callback=_check_shard),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
 ) -> None:
@@ -106,7 +112,7 @@ def dbt(
          lesion_slice_offset=lesion_slice_offset, normal_slices_per_volume=normal_slices, workers=workers,
          decoder=decoder,
          on_error=on_error, file_paths_csv=file_paths_csv or None, labels_csv=labels_csv or None,
-         boxes_csv=boxes_csv or None)
+         boxes_csv=boxes_csv or None, dataset=dataset, inputs=inputs or None)
 
 
 @app.command("mammo")
@@ -129,6 +135,8 @@ def mammo(
         None, "--manifest-csv", help="Generic manifest: path, patient_id, xmin, ymin, xmax, ymax."),
     accept_modality: list[str] | None = typer.Option(
         None, "--accept-modality", metavar="MODALITY", help=_ACCEPT_HELP),
+    dataset: str | None = typer.Option(None, "--dataset", metavar="NAME", help=_DATASET_HELP),
+    inputs: list[str] | None = typer.Option(None, "--input", metavar="NAME=PATH", help=_INPUT_HELP),
     shard: str | None = typer.Option(None, "--shard", metavar="K/N", help=_SHARD_HELP, callback=_check_shard),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
 ) -> None:
@@ -136,4 +144,4 @@ def mammo(
     _run("mammo", root, out, config, not no_progress, shard, image_height=image_height, image_width=image_width,
          split__val_fraction=val_fraction, split__test_fraction=test_fraction, split__seed=split_seed,
          workers=workers, decoder=decoder, on_error=on_error, annotations_csv=annotations_csv, manifest_csv=manifest_csv,
-         accept_modality=accept_modality or None)
+         accept_modality=accept_modality or None, dataset=dataset, inputs=inputs or None)

@@ -1,7 +1,7 @@
 """``comoto train-teacher``: the RetinaNet teacher on a mammography cache, with ImPA by default.
 The library is :mod:`comoto_cli.engine.teacher`.
 
-ImPA (intra-modal point alignment, DESIGN.md section 3) is an ``extra_loss`` of the shared trainer: on each
+ImPA (intra-modal point alignment, docs/design.md section 3) is an ``extra_loss`` of the shared trainer: on each
 batch, the lesion points of the images that have boxes are pulled together and pushed away from random
 background points. Validation every epoch on the cache's val split: per-image FROC and COCO AP; ``best.pt`` by
 ``best_metric``. Under ``torchrun --nproc_per_node N`` the same command trains with DDP.
@@ -21,7 +21,7 @@ def train_teacher(
     cache: Path | None = typer.Option(None, "--cache", help="Mammography cache (`comoto preprocess mammo`)."),
     out: Path | None = typer.Option(None, "--out", help="Run folder: checkpoints, metrics.jsonl, config.json."),
     config_file: Path | None = typer.Option(None, "--config", "-c", help=CONFIG_OPTION_HELP),
-    impa: bool | None = typer.Option(None, "--impa/--no-impa", help="Intra-modal point alignment loss [default: on]."),
+    impa: bool | None = typer.Option(None, "--impa/--no-impa", help="Intra-modal point alignment loss \\[default: on]."),
     epochs: int | None = typer.Option(None, "--epochs", help="Number of epochs."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt (model, optimiser, epoch, RNG)."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Images per step (per process under DDP)."),

@@ -114,9 +114,9 @@ def _error(message: str, path: Path, csv: Path | None, row: int | None) -> Input
     return InputDataError(message, path=_where(path, csv, row))
 
 
-def _read_dataset(path: Path, csv: Path | None, row: int | None, *, header_only: bool = False):
+def _read_dataset(path: Path, csv: Path | None, row: int | None):
     """pydicom dataset; large values (pixel data) are read lazily so the header can be checked first."""
-    return _read(path, csv, row, header_only=header_only)[0]
+    return _read(path, csv, row)[0]
 
 
 def _read(path: Path, csv: Path | None, row: int | None, *, header_only: bool = False):
@@ -811,15 +811,6 @@ def view_from_dataset(ds) -> tuple[str, str]:
                 if meaning in keys or value in keys:
                     position = name
     return laterality, position
-
-
-def read_dicom_view(path: Path) -> str:
-    """The view ('lcc', 'rmlo', ...) from the DICOM tags, or '' when laterality or position is unknown."""
-    path = Path(path)
-    ds = _read_dataset(path, None, None, header_only=True)
-    with _header_errors(path, None, None):
-        laterality, position = view_from_dataset(ds)
-    return laterality + position if laterality and position else ""
 
 
 def _is_dbt(ds, frames: int) -> bool:

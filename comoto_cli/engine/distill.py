@@ -1,16 +1,16 @@
 """The DBT student: LsKD (the paper's contribution) and the baselines, on the one shared trainer.
 
-Modes (DESIGN.md section 3):
+The modes (``lesion`` = LsKD, ``image``, ``pretrain``, ``none``; docs/design.md section 3) are registered in
+:mod:`comoto_cli.engine.modes`; :func:`run_distill` runs any registered one: it loads the teacher when the mode
+needs it, starts the student as the mode says (the teacher's architecture and weights, or fresh), freezes the
+teacher (eval mode, no gradient) and feeds it unpaired mammography batches cycling through its cache's training
+split when the mode reads them, and adds the loss and modules the mode builds:
 
-``lesion``   LsKD. Student initialised from the teacher; the teacher is frozen (eval mode, no gradient) and fed
-             unpaired mammography batches cycling through its cache's training split (lesion images only, since
-             LsKD samples lesion points). Per step: teacher lesion points averaged over its batch -> (C, P);
-             student lesion points averaged over the DBT batch's lesion images -> (C, P) -> learnable
-             Linear(P, P); loss ``alpha * T^2 * KL`` added to the detection loss (``lesion_kd_loss``).
-``image``    Image-level KD baseline: whole feature maps, batch-averaged (C, h*w), Linear(student h*w ->
-             teacher h*w), the same KL (``image_kd_loss``).
-``pretrain`` Student initialised from the teacher, no KD loss.
-``none``     DBT only: from scratch (or ``model.weights``).
+``lesion``   Per step: teacher lesion points averaged over its batch -> (C, P); student lesion points averaged
+             over the DBT batch's lesion images -> (C, P) -> learnable Linear(P, P); loss ``alpha * T^2 * KL``
+             added to the detection loss (``lesion_kd_loss``). Teacher batches of lesion images only.
+``image``    Whole feature maps, batch-averaged (C, h*w), Linear(student h*w -> teacher h*w), the same KL
+             (``image_kd_loss``).
 
 Validation every epoch: full volume inference on the val DBT volumes, volume NMS and the DBTex metric; best.pt
 by ``mean_sensitivity_positive``. ``train_ratio`` keeps a seeded, patient-level subset of the training cases
@@ -19,6 +19,7 @@ by ``mean_sensitivity_positive``. ``train_ratio`` keeps a seeded, patient-level 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +29,11 @@ from comoto_cli.cache import SliceCache
 from comoto_cli.config import DistillConfig, InferenceConfig
 from comoto_cli.data.datasets import DetectionDataset, infinite_batches, move_batch
 from comoto_cli.engine import distributed
+from comoto_cli.engine.modes import DistillMode, ModeSetup, get_mode
 from comoto_cli.engine.trainer import LAST_CHECKPOINT, seed_everything, train
 from comoto_cli.errors import UsageError
 from comoto_cli.evaluation.evaluate_checkpoint import dbtex_ground_truth
-from comoto_cli.inference.volume import predict_cache
+from comoto_cli.inference.volume import detect_cache
 from comoto_cli.losses import (
     PointProjection,
     has_boxes,
@@ -41,14 +43,12 @@ from comoto_cli.losses import (
     lesion_points,
     masked_batch_mean,
 )
-from comoto_cli.metrics.dbtex import DbtexTables, dbtex_counts, score_dbtex
+from comoto_cli.metrics.dbtex import METRIC_KEYS, DbtexTables, dbtex_counts, score_dbtex
 from comoto_cli.networks.checkpoint import load_detector
 from comoto_cli.networks.detector import build_detector
 from comoto_cli.utils.atomic import ensure_writable_dir, sha256_file, write_json_atomic
 from comoto_cli.utils.system import loader_workers
 
-KD_MODES = ("lesion", "image")
-TEACHER_MODES = ("lesion", "image", "pretrain")
 SUBSET_FILE = "train_subset.json"
 
 
@@ -71,8 +71,24 @@ def training_rows(cache, ratio: float, seed: int) -> tuple[np.ndarray, list[str]
     return rows[np.isin(patients_of_rows, kept)], [str(p) for p in kept]
 
 
+#: Keys of :func:`make_volume_val_fn`'s metrics; any of them may be ``best_metric``.
+VALIDATION_METRICS = (*METRIC_KEYS, "num_predictions")
+
+
+def check_distill_config(config: DistillConfig) -> DistillMode:
+    """What ``distill`` needs from its config, checked before any file is read or model trained; its mode."""
+    mode = get_mode(config.mode)
+    config.require("cache", "out")
+    if mode.needs_teacher:
+        config.require("teacher", needed_by=f"mode {mode.name}")
+    if mode.needs_teacher_cache:
+        config.require("teacher_cache", needed_by=f"mode {mode.name}")
+    config.require_metric(VALIDATION_METRICS, "distill")
+    return mode
+
+
 def make_volume_val_fn(cache, inference: InferenceConfig, split: str = "val"):
-    """``val_fn`` for the trainer: DBTex metrics of full-volume inference on ``split``."""
+    """``val_fn`` for the trainer: DBTex metrics of full-volume inference on ``split`` (:data:`VALIDATION_METRICS`)."""
 
     boxes, labels = dbtex_ground_truth(cache, split)
     if len(boxes["X"]) == 0:
@@ -81,7 +97,7 @@ def make_volume_val_fn(cache, inference: InferenceConfig, split: str = "val"):
 
     def val_fn(model) -> dict:
         device = next(model.parameters()).device
-        predictions = predict_cache(model, cache, split, inference, device, progress=False)
+        predictions = detect_cache(model, cache, split, inference, device, progress=False)
         tables = DbtexTables(predictions=predictions, boxes=boxes, labels=labels)
         return {**score_dbtex(tables), "num_predictions": int(dbtex_counts(tables).get("predictions", 0))}
 
@@ -132,84 +148,114 @@ def make_image_kd_loss(config: DistillConfig, teacher, teacher_batches):
     return image_kd
 
 
-def run_distill(config: DistillConfig, *, resume: bool = False, console=None) -> dict:
-    """Everything ``comoto distill`` does after parsing; returns the trainer's summary."""
+def build_lesion_kd(setup: ModeSetup):
+    """Mode ``lesion``: LsKD's loss and its learnable Linear(P, P) projection."""
+    extra_modules = {"projection": PointProjection(setup.config.num_points)}
+    return make_lesion_kd_loss(setup.config, setup.teacher, setup.teacher_batches, setup.student_size,
+                               setup.teacher_size), extra_modules
 
-    say = console.print if console is not None else print
-    if config.cache is None:
-        raise UsageError("--cache is required (a DBT cache from `comoto preprocess dbt`)")
-    if config.out is None:
-        raise UsageError("--out is required (the run folder)")
-    if config.mode in TEACHER_MODES and config.teacher is None:
-        raise UsageError(f"--teacher is required for --mode {config.mode} (best.pt of `comoto train-teacher`)")
-    if config.mode in KD_MODES and config.teacher_cache is None:
-        raise UsageError(f"--teacher-cache is required for --mode {config.mode} (the mammography cache)")
-    out = Path(config.out)
-    if not resume and (out / LAST_CHECKPOINT).exists():
-        raise UsageError(f"{out} already holds a training run ({LAST_CHECKPOINT}); pass --resume to continue it "
-                         "or choose another --out")
 
+def build_image_kd(setup: ModeSetup):
+    """Mode ``image``: the image-level KD loss and its Linear(student h*w -> teacher h*w), sized by one forward pass
+    of each network."""
+    with torch.no_grad():
+        probe = torch.zeros(1, 1, *setup.student_size)
+        student_shape = setup.model.distill_features(probe).shape
+        teacher_shape = setup.teacher.distill_features(torch.zeros(1, 1, *setup.teacher_size).to(setup.device)).shape
+    extra_modules = {"projection": image_projection(student_shape, teacher_shape)}
+    return make_image_kd_loss(setup.config, setup.teacher, setup.teacher_batches), extra_modules
+
+
+def _student_data(config: DistillConfig):
+    """The DBT cache, the kept training rows and patients, the training set and the validation function."""
     cache = SliceCache(config.cache)
     if cache.modality != "dbt":
         raise UsageError(f"a '{cache.modality}' cache; the student trains on a DBT cache (`comoto preprocess dbt`)",
                          path=config.cache)
-    student_size = (cache.image_height, cache.image_width)
     rows, kept_patients = training_rows(cache, config.train_ratio, config.seed)
     train_set = DetectionDataset(cache, "train", augment=config.augment, seed=config.seed, rows=rows)
     if len(train_set) == 0:
         raise UsageError("the train split has no slices", path=config.cache)
     val_fn = make_volume_val_fn(cache, InferenceConfig(batch_size=config.val_batch_size,
                                                        num_workers=config.num_workers))
+    return cache, rows, kept_patients, train_set, val_fn
+
+
+def _student_and_teacher(config: DistillConfig, mode: DistillMode, student_size: tuple[int, int]):
+    """The student as the mode starts it, the teacher (None when the mode needs none) and its metadata."""
+    teacher, teacher_meta, model_config = None, {}, config.model
+    if mode.needs_teacher:  # loaded before the student is built: the order of the seeded initialisations
+        teacher, teacher_meta = load_detector(Path(config.teacher), map_location="cpu")
+    if mode.init == "teacher":
+        # Student = teacher architecture: "the reference initialises the student from the teacher".
+        model_config = teacher.config
+    model = build_detector(model_config, student_size)
+    if mode.init == "teacher":
+        model.load_state_dict(teacher.state_dict())
+    return model, teacher, teacher_meta
+
+
+def _freeze(teacher, device):
+    teacher.to(device).eval()
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    return teacher
+
+
+def _with_teacher_batches(setup: ModeSetup, mode: DistillMode, teacher, env) -> tuple[ModeSetup, dict]:
+    """``setup`` with the frozen teacher and the endless batches of its cache; what the checkpoint records of them."""
+    config = setup.config
+    mammo = SliceCache(config.teacher_cache)
+    if mammo.modality != "mammo":
+        raise UsageError(f"--teacher-cache must be a mammography cache, this one is '{mammo.modality}'",
+                         path=config.teacher_cache)
+    teacher_size = (mammo.image_height, mammo.image_width)
+    if tuple(teacher.image_size) != teacher_size:
+        raise UsageError(f"the teacher was trained on {teacher.image_size[0]}x{teacher.image_size[1]} images,"
+                         f" the teacher cache holds {teacher_size[0]}x{teacher_size[1]}", path=config.teacher_cache)
+    _freeze(teacher, env.device)
+    mammo_set = DetectionDataset(mammo, "train", augment=None, lesions_only=mode.teacher_images == "lesions")
+    # Each rank draws its own stream of unpaired mammography batches.
+    # Its own loader workers (half the automatic count; the DBT loader has the other half).
+    teacher_batches = infinite_batches(mammo_set, batch_size=config.batch_size,
+                                       seed=config.seed + 7919 * (env.rank + 1),
+                                       num_workers=loader_workers(config.num_workers, env.device.type, 2),
+                                       pin_memory=env.device.type == "cuda")
+    info = {"teacher_cache": str(config.teacher_cache), "teacher_images": len(mammo_set)}
+    return replace(setup, teacher=teacher, teacher_batches=teacher_batches, teacher_size=teacher_size), info
+
+
+def _mode_extras(config: DistillConfig, mode: DistillMode, model, teacher, student_size, env):
+    """The mode's extra loss and modules (None, {} for the detection loss alone) and its teacher-batch metadata."""
+    factory = mode.factory()
+    if factory is None:
+        return None, {}, {}
+    setup, teacher_info = ModeSetup(config=config, model=model, student_size=student_size, device=env.device), {}
+    if mode.needs_teacher_cache:
+        setup, teacher_info = _with_teacher_batches(setup, mode, teacher, env)
+    elif mode.needs_teacher:
+        setup = replace(setup, teacher=_freeze(teacher, env.device))
+    extra_loss, extra_modules = factory(setup)
+    return extra_loss, extra_modules, teacher_info
+
+
+def run_distill(config: DistillConfig, *, resume: bool = False, console=None) -> dict:
+    """Everything ``comoto distill`` does after parsing; returns the trainer's summary."""
+
+    say = console.print if console is not None else print
+    mode = check_distill_config(config)
+    out = Path(config.out)
+    if not resume and (out / LAST_CHECKPOINT).exists():
+        raise UsageError(f"{out} already holds a training run ({LAST_CHECKPOINT}); pass --resume to continue it "
+                         "or choose another --out")
+    cache, rows, kept_patients, train_set, val_fn = _student_data(config)
+    student_size = (cache.image_height, cache.image_width)
 
     env = distributed.init_distributed()
     try:
         seed_everything(config.seed, config.deterministic)
-        teacher = None
-        teacher_meta: dict = {}
-        model_config = config.model
-        if config.mode in TEACHER_MODES:
-            teacher, teacher_meta = load_detector(Path(config.teacher), map_location="cpu")
-            # Student = teacher architecture: "the reference initialises the student from the teacher".
-            model_config = teacher.config
-        model = build_detector(model_config, student_size)
-        if teacher is not None:
-            model.load_state_dict(teacher.state_dict())
-
-        extra_loss, extra_modules, teacher_info, loader_share = None, {}, {}, 1
-        if config.mode in KD_MODES:
-            mammo = SliceCache(config.teacher_cache)
-            if mammo.modality != "mammo":
-                raise UsageError(f"--teacher-cache must be a mammography cache, this one is '{mammo.modality}'",
-                                 path=config.teacher_cache)
-            teacher_size = (mammo.image_height, mammo.image_width)
-            if tuple(teacher.image_size) != teacher_size:
-                raise UsageError(f"the teacher was trained on {teacher.image_size[0]}x{teacher.image_size[1]} images,"
-                                 f" the teacher cache holds {teacher_size[0]}x{teacher_size[1]}",
-                                 path=config.teacher_cache)
-            teacher.to(env.device).eval()
-            for parameter in teacher.parameters():
-                parameter.requires_grad_(False)
-            mammo_set = DetectionDataset(mammo, "train", augment=None, lesions_only=config.mode == "lesion")
-            # Each rank draws its own stream of unpaired mammography batches.
-            # Its own loader workers (half the automatic count; the DBT loader has the other half).
-            teacher_batches = infinite_batches(mammo_set, batch_size=config.batch_size,
-                                               seed=config.seed + 7919 * (env.rank + 1),
-                                               num_workers=loader_workers(config.num_workers, env.device.type, 2),
-                                               pin_memory=env.device.type == "cuda")
-            loader_share = 2
-            if config.mode == "lesion":
-                extra_modules = {"projection": PointProjection(config.num_points)}
-                extra_loss = make_lesion_kd_loss(config, teacher, teacher_batches, student_size, teacher_size)
-            else:
-                with torch.no_grad():
-                    probe = torch.zeros(1, 1, *student_size)
-                    student_shape = model.distill_features(probe).shape
-                    teacher_shape = teacher.distill_features(torch.zeros(1, 1, *teacher_size).to(env.device)).shape
-                extra_modules = {"projection": image_projection(student_shape, teacher_shape)}
-                extra_loss = make_image_kd_loss(config, teacher, teacher_batches)
-            teacher_info = {"teacher_cache": str(config.teacher_cache),
-                            "teacher_images": len(mammo_set)}
-
+        model, teacher, teacher_meta = _student_and_teacher(config, mode, student_size)
+        extra_loss, extra_modules, teacher_info = _mode_extras(config, mode, model, teacher, student_size, env)
         metadata = {
             "kind": "student", "modality": "dbt", "mode": config.mode, "cache": str(config.cache),
             "cache_config_hash": str(cache.attrs.get("config_hash", "")), "train_ratio": config.train_ratio,
@@ -228,7 +274,8 @@ def run_distill(config: DistillConfig, *, resume: bool = False, console=None) ->
                 f"device {env.device}")
         summary = train(config, model=model, train_set=train_set, val_fn=val_fn, run_dir=out,
                         extra_loss=extra_loss, extra_modules=extra_modules, resume=resume, metadata=metadata,
-                        dist_env=env, console=console, loader_share=loader_share)
+                        dist_env=env, console=console,
+                        loader_share=2 if teacher_info else 1)  # the teacher batches have a loader of their own
     finally:
         distributed.cleanup(env)
     if env.is_main:

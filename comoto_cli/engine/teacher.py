@@ -1,6 +1,6 @@
 """The mammography teacher: RetinaNet on a mammography cache, with ImPA by default, on the shared trainer.
 
-ImPA (intra-modal point alignment, DESIGN.md section 3) is an ``extra_loss`` of the trainer: on each batch, the
+ImPA (intra-modal point alignment, docs/design.md section 3) is an ``extra_loss`` of the trainer: on each batch, the
 lesion points of the images that have boxes are pulled together and pushed away from random background points.
 Validation every epoch on the cache's val split: per-image FROC and COCO AP; ``best.pt`` by ``best_metric``.
 Under ``torchrun --nproc_per_node N`` the same code trains with DDP.
@@ -41,17 +41,17 @@ def make_impa_loss(config: TeacherConfig, image_size: tuple[int, int]):
     return impa
 
 
+def check_teacher_config(config: TeacherConfig) -> None:
+    """What ``train-teacher`` needs from its config, checked before any file is read or model trained."""
+    config.require("cache", "out")
+    config.require_metric(METRIC_NAMES, "train-teacher")
+
+
 def run_train_teacher(config: TeacherConfig, *, resume: bool = False, console=None) -> dict:
     """Everything ``comoto train-teacher`` does after parsing; returns the trainer's summary. Messages go to
     ``console`` (a rich Console) or stdout."""
 
-    if config.cache is None:
-        raise UsageError("--cache is required (a mammography cache from `comoto preprocess mammo`)")
-    if config.out is None:
-        raise UsageError("--out is required (the run folder)")
-    if config.best_metric not in METRIC_NAMES:
-        raise UsageError(f"best_metric: '{config.best_metric}' is not a validation metric of train-teacher; one of: "
-                         f"{', '.join(METRIC_NAMES)}")
+    check_teacher_config(config)
     say = console.print if console is not None else print
     out = Path(config.out)
     if not resume and (out / LAST_CHECKPOINT).exists():

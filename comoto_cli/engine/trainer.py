@@ -1,5 +1,6 @@
 """The one training loop of the project: the mammography teacher and the DBT student both go through
-:func:`train`. Read it top to bottom: setup, resume, then per epoch train -> validate -> checkpoint -> log.
+:func:`train`. Read it top to bottom: setup (:func:`build_trainee`), resume (:func:`restore_state`), then per epoch
+:func:`train_one_epoch` -> :func:`validate` -> :func:`save_state` -> :func:`log_epoch`.
 
 Plug-in points (how ``train-teacher`` and ``distill`` differ without copying the loop):
 
@@ -16,7 +17,8 @@ Plug-in points (how ``train-teacher`` and ``distill`` differ without copying the
     optimised with the detector, wrapped by DDP together with it, saved in every checkpoint under
     ``extra_states`` and restored on resume.
 ``val_fn(model) -> dict``
-    Validation metrics of the (unwrapped) detector, in eval mode, called on rank 0 after each epoch; one of its keys is
+    Validation metrics of the (unwrapped) detector, in eval mode, called on rank 0 after the epochs
+    ``config.val_every`` picks (:func:`resolve_val_every`; always the last); one of its keys is
     ``config.best_metric`` (higher is better, unless the name contains "loss").
 ``metadata``
     Put into every checkpoint's metadata (e.g. ``kind``, the cache's config hash) next to the epoch, the
@@ -37,7 +39,7 @@ import random
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -177,8 +179,214 @@ def write_metrics(run_dir: Path, history: list[dict]) -> None:
     write_text_atomic(run_dir / METRICS_FILE, "".join(json.dumps(record) + "\n" for record in history))
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+# ------------------------------------------------------------------------------------------------ state
+@dataclass
+class Trainee:
+    """Everything an optimiser step touches. ``step_module`` is the :class:`TrainStep` over ``model`` and
+    ``extras``, DDP-wrapped when distributed; ``parameters`` are those of both (what gradient clipping sees)."""
+
+    model: nn.Module
+    extras: nn.ModuleDict
+    step_module: nn.Module
+    parameters: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    scaler: torch.amp.GradScaler
+    use_amp: bool
+
+
+@dataclass
+class RunState:
+    """Where a run stands: the first epoch still to train (0-based), one record per finished epoch, best so far."""
+
+    start_epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    best_value: float | None = None
+    best_epoch: int | None = None
+
+
+def build_trainee(config: TrainConfig, model: nn.Module, extra_modules: dict[str, nn.Module] | None,
+                  extra_loss: ExtraLoss | None, env: distributed.DistEnv) -> Trainee:
+    """Move the detector and extra modules to the device and build their step module, optimiser, scheduler
+    and AMP scaler (enabled only for ``config.amp`` on CUDA)."""
+    model.to(env.device)
+    extras = nn.ModuleDict(extra_modules or {}).to(env.device)
+    step_module: nn.Module = TrainStep(model, extras, extra_loss)
+    if env.enabled:
+        # Parameters may legitimately get no gradient in a step (layer4 feeds only ImPA/LsKD, which skip
+        # lesion-free batches; an LsKD projection before distill_start_epoch): let DDP find them.
+        step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=None, find_unused_parameters=True)
+    parameters = list(model.parameters()) + list(extras.parameters())
+    optimizer = build_optimizer(parameters, config.optim)
+    scheduler = build_scheduler(optimizer, config.optim, config.epochs)
+    use_amp = bool(config.amp and env.device.type == "cuda")
+    return Trainee(model=model, extras=extras, step_module=step_module, parameters=parameters, optimizer=optimizer,
+                   scheduler=scheduler, scaler=torch.amp.GradScaler("cuda", enabled=use_amp), use_amp=use_amp)
+
+
+def save_state(run_dir: Path, trainee: Trainee, run: RunState, record: dict, *, is_best: bool, config: TrainConfig,
+               env: distributed.DistEnv, metadata: dict | None) -> None:
+    """Write ``best.pt`` (when ``is_best``) and ``last.pt`` for the epoch of ``record`` (the last of
+    ``run.history``): weights, optimiser, scheduler, AMP scaler, RNG states and the run's history.
+
+    best.pt first, so that last.pt never claims a best that is not on disk."""
+    meta = {**(metadata or {}), "epoch": record["epoch"], "epochs": config.epochs, "metrics": record["val"],
+            "losses": record["losses"], "best_metric": config.best_metric, "best_value": run.best_value,
+            "best_epoch": run.best_epoch, "history": run.history, "train_config": config.model_dump(mode="json"),
+            "world_size": env.world_size, GRAD_SCALER_KEY: trainee.scaler.state_dict() if trainee.use_amp else None}
+    model, scheduler = trainee.model, trainee.scheduler
+    states = {
+        "model_state": model.state_dict(), "model_config": model.config,
+        "image_size": tuple(model.image_size), "optimizer_state": trainee.optimizer.state_dict(),
+        "scheduler_state": scheduler.state_dict() if scheduler is not None else None,
+        "extra_states": {name: module.state_dict() for name, module in trainee.extras.items()},
+        "rng_state": capture_rng_state(),
+    }
+    if is_best:
+        save_checkpoint(run_dir / BEST_CHECKPOINT, metadata=meta, **states)
+    save_checkpoint(run_dir / LAST_CHECKPOINT, metadata=meta, **states)
+
+
+def restore_state(trainee: Trainee, config: TrainConfig, path: Path) -> RunState:
+    """Load the checkpoint ``path`` (weights_only) into ``trainee`` and the global RNGs, in place, and return
+    where its run stopped. Raises :class:`CheckpointError` when it does not fit this run, :class:`UsageError`
+    when ``config.epochs`` would stretch or cut its cosine schedule."""
+    state = load_checkpoint(path, map_location="cpu")
+    meta = state["metadata"]
+    planned = meta.get("epochs")
+    if config.optim.scheduler == "cosine" and planned is not None and int(planned) != config.epochs:
+        # The stored cosine schedule anneals to 0 at its planned end and then climbs again: going on past it,
+        # or stopping short of it, would silently train with a learning rate nobody chose.
+        raise UsageError(f"cannot resume: this run's cosine learning-rate schedule was planned for {planned} "
+                         f"epochs, not {config.epochs}; resume with --epochs {planned}, or start a new run", path=path)
+    try:
+        trainee.model.load_state_dict(state["model_state"])
+        for name, module in trainee.extras.items():
+            module.load_state_dict(state["extra_states"][name])
+        trainee.optimizer.load_state_dict(state["optimizer_state"])
+        if trainee.scheduler is not None and state.get("scheduler_state") is not None:
+            trainee.scheduler.load_state_dict(state["scheduler_state"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"cannot resume: checkpoint does not match this run ({exc})".splitlines()[0],
+                              path=path) from None
+    if meta.get(GRAD_SCALER_KEY):
+        trainee.scaler.load_state_dict(meta[GRAD_SCALER_KEY])
+    if state.get("rng_state") is not None:
+        restore_rng_state(state["rng_state"])
+    start_epoch = int(meta["epoch"])
+    return RunState(start_epoch=start_epoch, history=list(meta.get("history", []))[:start_epoch],
+                    best_value=meta.get("best_value"), best_epoch=meta.get("best_epoch"))
+
+
+# ------------------------------------------------------------------------------------------------ one epoch
+class LossMeter:
+    """Sum and count per loss name over one epoch's steps; a term counts only the steps that produced it."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, losses: dict[str, Tensor]) -> None:
+        for name, value in losses.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value.detach())
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {name: self.sums[name] / self.counts[name] for name in self.sums}
+
+
+def forward_losses(trainee: Trainee, batch: dict, ctx: StepContext) -> tuple[dict[str, Tensor], Tensor]:
+    """Every loss term of one step on ``batch`` (``images`` ``(B, 1, H, W)``, ``targets``, ``rows``, on the
+    device) as 0-dim tensors (fp16 ones under AMP) and their 0-dim fp32 total; raises when it is not finite."""
+    with torch.autocast(device_type=ctx.device.type, dtype=torch.float16, enabled=trainee.use_amp):
+        losses = trainee.step_module(batch, ctx)
+    total = sum(value.float() for value in losses.values())
+    if not torch.isfinite(total):
+        raise ComotoError(f"loss is not finite at epoch {ctx.epoch + 1}, step {ctx.step_in_epoch + 1}: "
+                          f"{ {k: float(v) for k, v in losses.items()} }; lower optim.lr or set optim.grad_clip")
+    return losses, total
+
+
+def backward_and_step(trainee: Trainee, total: Tensor, grad_clip: float | None) -> None:
+    """Backward of the (AMP-scaled) total, optional clipping of the unscaled gradients, optimiser step."""
+    optimizer, scaler = trainee.optimizer, trainee.scaler
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()
+    if grad_clip is not None:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(trainee.parameters, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def train_one_epoch(trainee: Trainee, loader, *, epoch: int, step: int, config: TrainConfig,
+                    env: distributed.DistEnv, progress) -> tuple[LossMeter, int]:
+    """One pass over ``loader`` (0-based ``epoch``, global ``step`` of its first batch), one optimiser step per
+    batch. Returns this rank's losses and the global step after the epoch."""
+    trainee.step_module.train()
+    meter = LossMeter()
+    steps = len(loader)
+    task = progress.add_task(f"epoch {epoch + 1}/{config.epochs}", total=steps, losses="")
+    for step_in_epoch, batch in enumerate(loader):
+        batch = move_batch(batch, env.device)
+        ctx = StepContext(epoch=epoch, step=step, step_in_epoch=step_in_epoch, model=trainee.model,
+                          extra_modules=trainee.extras, device=env.device,
+                          generator=step_generator(config.seed, env.rank, step), config=config)
+        losses, total = forward_losses(trainee, batch, ctx)
+        backward_and_step(trainee, total, config.optim.grad_clip)
+        meter.add({**losses, "total": total})
+        step += 1
+        if (step_in_epoch + 1) % config.log_every == 0 or step_in_epoch + 1 == steps:
+            progress.update(task, completed=step_in_epoch + 1, losses=_format_losses(meter.means()))
+        else:
+            progress.advance(task)
+    progress.remove_task(task)  # the epoch's summary line replaces its bar
+    return meter, step
+
+
+def step_scheduler(scheduler: torch.optim.lr_scheduler.LRScheduler | None) -> None:
+    """The once-per-epoch learning-rate step (none without a scheduler)."""
+    if scheduler is None:
+        return
+    with warnings.catch_warnings():
+        # With AMP, GradScaler skips the steps whose fp16 gradients overflowed (routinely the first ones, and a
+        # whole epoch when a tiny train set has one step per epoch); the schedule is per epoch, so torch's
+        # "scheduler.step() before optimizer.step()" warning is a false alarm here.
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+        scheduler.step()
+
+
+# ------------------------------------------------------------------------------------------------ validation
+def validates_after(epoch: int, epochs: int, val_every: int) -> bool:
+    """Whether 0-based ``epoch`` is validated: every ``val_every`` epochs, and always the last one."""
+    return (epoch + 1) % val_every == 0 or epoch + 1 == epochs
+
+
+def validate(model: nn.Module, val_fn: Callable[[nn.Module], dict] | None, run: RunState, *, epoch: int,
+             val_every: int, config: TrainConfig, env: distributed.DistEnv) -> tuple[dict, bool]:
+    """Rank 0 validates ``model`` (left in eval mode) after 0-based ``epoch`` when the schedule says so; every
+    rank gets the metrics and updates ``run``'s best. Returns (metrics as strict JSON, ``{}`` on an epoch
+    without validation; whether they are the best so far)."""
+    model.eval()
+    validates = val_fn is not None and validates_after(epoch, config.epochs, val_every)
+    metrics = val_fn(model) if (validates and env.is_main) else {}
+    metrics = _jsonable(distributed.broadcast_object(metrics, env))
+    if validates and config.best_metric not in metrics:
+        raise UsageError(f"best_metric: '{config.best_metric}' is not a validation metric (available: "
+                         f"{', '.join(sorted(metrics))})")
+    value = metrics.get(config.best_metric)
+    is_best = validates and metric_improved(value, run.best_value, config.best_metric)
+    if is_best:
+        run.best_value, run.best_epoch = value, epoch + 1
+    return metrics, is_best
+
+
+# ------------------------------------------------------------------------------------------------ logging
+def _say(env: distributed.DistEnv, console) -> Callable[..., None]:
+    """Print on rank 0 (through ``console`` when given); a no-op elsewhere."""
+    if not env.is_main:
+        return lambda *args, **kwargs: None
+    return console.print if console else print
 
 
 def _open_tensorboard(run_dir: Path):
@@ -190,6 +398,8 @@ def _open_tensorboard(run_dir: Path):
 
 
 def _progress(enabled: bool, console=None):
+    # Imported here, after seed_everything, as before: importing rich.progress draws from Python's `random`, so
+    # moving it to the top would change the RNG state stored in checkpoints of a process that had not imported it.
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(
@@ -205,7 +415,46 @@ def _format_losses(losses: dict[str, float]) -> str:
     return " ".join(f"{name} {value:.4f}" for name, value in ordered)
 
 
+def epoch_record(epoch: int, step: int, lr: float, losses: dict, metrics: dict, run: RunState, is_best: bool,
+                 config: TrainConfig, seconds: dict[str, float]) -> dict:
+    """The epoch's metrics.jsonl line (strict JSON), as also kept in every checkpoint's history."""
+    return _jsonable({
+        "epoch": epoch + 1, "step": step, "lr": lr, "losses": losses, "val": metrics,
+        "best_metric": config.best_metric, "best_value": run.best_value, "best_epoch": run.best_epoch,
+        "is_best": is_best, "time": seconds,
+    })
+
+
+def log_epoch(run_dir: Path, writer, say: Callable[..., None], record: dict, history: list[dict],
+              config: TrainConfig) -> None:
+    """Rank 0, after the checkpoints: metrics.jsonl rewritten from ``history``, TensorBoard scalars, the
+    epoch line."""
+    write_metrics(run_dir, history)
+    epoch = record["epoch"]
+    if writer is not None:
+        for name, loss in record["losses"].items():
+            writer.add_scalar(f"loss/{name}", loss, epoch)
+        for name, metric in record["val"].items():
+            if isinstance(metric, (int, float)):
+                writer.add_scalar(f"val/{name}", metric, epoch)
+        writer.add_scalar("lr", record["lr"], epoch)
+        writer.flush()
+    value = record["val"].get(config.best_metric)
+    best_text = "" if value is None else f"  {config.best_metric} {value:.4f}{' (best)' if record['is_best'] else ''}"
+    say(f"epoch {epoch}/{config.epochs}  {_format_losses(record['losses'])}{best_text}  "
+        f"({record['time']['epoch_s']:.1f} s)")
+
+
 # ------------------------------------------------------------------------------------------------ the loop
+def _train_loader(train_set, config: TrainConfig, env: distributed.DistEnv, loader_share: int):
+    """This rank's shard of ``train_set``, reshuffled per epoch by ``sampler.set_epoch``: (sampler, loader)."""
+    sampler = make_sampler(train_set, seed=config.seed, shuffle=True, rank=env.rank, world_size=env.world_size)
+    loader = make_loader(train_set, batch_size=config.batch_size, sampler=sampler,
+                         num_workers=loader_workers(config.num_workers, env.device.type, loaders=loader_share),
+                         seed=config.seed, pin_memory=env.device.type == "cuda")
+    return sampler, loader
+
+
 def train(
     config: TrainConfig,
     *,
@@ -228,190 +477,54 @@ def train(
     their own). Returns ``{"run_dir", "epochs", "best_metric", "best_value", "best_epoch", "history", "last",
     "best"}``.
     """
-
     env = dist_env or distributed.init_distributed()
-    device = env.device
-    run_dir = Path(run_dir)
+    run_dir, say = Path(run_dir), _say(env, console)
     if env.is_main:
         ensure_writable_dir(run_dir)
     seed_everything(config.seed, config.deterministic)
     if len(train_set) == 0:
         raise ComotoError("the training set is empty")
-
-    # -- model, extra modules, optimiser, scheduler, AMP
-    model.to(device)
-    extras = nn.ModuleDict(extra_modules or {}).to(device)
-    step_module: nn.Module = TrainStep(model, extras, extra_loss)
-    if env.enabled:
-        # Parameters may legitimately get no gradient in a step (layer4 feeds only ImPA/LsKD, which skip
-        # lesion-free batches; an LsKD projection before distill_start_epoch): let DDP find them.
-        step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=None, find_unused_parameters=True)
-    parameters = list(model.parameters()) + list(extras.parameters())
-    optimizer = build_optimizer(parameters, config.optim)
-    scheduler = build_scheduler(optimizer, config.optim, config.epochs)
-    use_amp = bool(config.amp and device.type == "cuda")
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-
-    # -- resume
-    start_epoch, history = 0, []
-    best_value, best_epoch = None, None
+    trainee = build_trainee(config, model, extra_modules, extra_loss, env)
     last_path, best_path = run_dir / LAST_CHECKPOINT, run_dir / BEST_CHECKPOINT
+    run = RunState()
     if resume and last_path.exists():
-        state = load_checkpoint(last_path, map_location="cpu")
-        meta = state["metadata"]
-        planned = meta.get("epochs")
-        if config.optim.scheduler == "cosine" and planned is not None and int(planned) != config.epochs:
-            # The stored cosine schedule anneals to 0 at its planned end and then climbs again: going on past it,
-            # or stopping short of it, would silently train with a learning rate nobody chose.
-            raise UsageError(f"cannot resume: this run's cosine learning-rate schedule was planned for {planned} "
-                             f"epochs, not {config.epochs}; resume with --epochs {planned}, or start a new run",
-                             path=last_path)
-        try:
-            model.load_state_dict(state["model_state"])
-            for name, module in extras.items():
-                module.load_state_dict(state["extra_states"][name])
-            optimizer.load_state_dict(state["optimizer_state"])
-            if scheduler is not None and state.get("scheduler_state") is not None:
-                scheduler.load_state_dict(state["scheduler_state"])
-        except (KeyError, RuntimeError, ValueError) as exc:
-            raise CheckpointError(f"cannot resume: checkpoint does not match this run ({exc})".splitlines()[0],
-                                  path=last_path) from None
-        if meta.get(GRAD_SCALER_KEY):
-            scaler.load_state_dict(meta[GRAD_SCALER_KEY])
-        if state.get("rng_state") is not None:
-            restore_rng_state(state["rng_state"])
-        start_epoch = int(meta["epoch"])
-        history = list(meta.get("history", []))[:start_epoch]
-        best_value, best_epoch = meta.get("best_value"), meta.get("best_epoch")
-    elif resume and env.is_main:
-        (console.print if console else print)(f"no {last_path} to resume from: starting from scratch")
-
+        run = restore_state(trainee, config, last_path)
+    elif resume:
+        say(f"no {last_path} to resume from: starting from scratch")
     if env.is_main:
         write_json_atomic(run_dir / CONFIG_FILE, config.model_dump(mode="json"))
-        write_metrics(run_dir, history)  # drop lines of epochs that never reached last.pt
+        write_metrics(run_dir, run.history)  # drop lines of epochs that never reached last.pt
     distributed.barrier(env)
 
-    sampler = make_sampler(train_set, seed=config.seed, shuffle=True, rank=env.rank, world_size=env.world_size)
-    loader = make_loader(train_set, batch_size=config.batch_size, sampler=sampler,
-                         num_workers=loader_workers(config.num_workers, device.type, loaders=loader_share),
-                         seed=config.seed, pin_memory=device.type == "cuda")
+    sampler, loader = _train_loader(train_set, config, env, loader_share)
     val_every = resolve_val_every(config.val_every, getattr(val_fn, "size", 0))
-    steps_per_epoch = len(loader)
     writer = _open_tensorboard(run_dir) if env.is_main else None
-    say = (console.print if console else print) if env.is_main else (lambda *a, **k: None)
-
-    step = start_epoch * steps_per_epoch
+    step = run.start_epoch * len(loader)
     with _progress(env.is_main, console) as progress:
-        for epoch in range(start_epoch, config.epochs):
+        for epoch in range(run.start_epoch, config.epochs):
             epoch_start = time.perf_counter()
             sampler.set_epoch(epoch)
             if hasattr(train_set, "set_epoch"):
                 train_set.set_epoch(epoch)
-            step_module.train()
-            sums: dict[str, float] = {}
-            counts: dict[str, int] = {}
-            lr = optimizer.param_groups[0]["lr"]
-            task = progress.add_task(f"epoch {epoch + 1}/{config.epochs}", total=steps_per_epoch, losses="")
-
-            # -- train one epoch
-            for step_in_epoch, batch in enumerate(loader):
-                batch = move_batch(batch, device)
-                ctx = StepContext(epoch=epoch, step=step, step_in_epoch=step_in_epoch, model=model,
-                                  extra_modules=extras, device=device,
-                                  generator=step_generator(config.seed, env.rank, step), config=config)
-                with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                    losses = step_module(batch, ctx)
-                total = sum(value.float() for value in losses.values())
-                if not torch.isfinite(total):
-                    raise ComotoError(f"loss is not finite at epoch {epoch + 1}, step {step_in_epoch + 1}: "
-                                      f"{ {k: float(v) for k, v in losses.items()} }; lower optim.lr or set "
-                                      "optim.grad_clip")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(total).backward()
-                if config.optim.grad_clip is not None:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(parameters, config.optim.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-
-                for name, value in {**losses, "total": total}.items():
-                    sums[name] = sums.get(name, 0.0) + float(value.detach())
-                    counts[name] = counts.get(name, 0) + 1
-                step += 1
-                if (step_in_epoch + 1) % config.log_every == 0 or step_in_epoch + 1 == steps_per_epoch:
-                    running = {k: sums[k] / counts[k] for k in sums}
-                    progress.update(task, completed=step_in_epoch + 1, losses=_format_losses(running))
-                else:
-                    progress.advance(task)
-            progress.remove_task(task)  # the epoch's summary line below replaces its bar
-            if scheduler is not None:
-                with warnings.catch_warnings():
-                    # With AMP, GradScaler skips the steps whose fp16 gradients overflowed (routinely the first
-                    # ones, and a whole epoch when a tiny train set has one step per epoch); the schedule is per
-                    # epoch, so torch's "scheduler.step() before optimizer.step()" warning is a false alarm here.
-                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
-                    scheduler.step()
-            mean_losses = distributed.reduce_mean(sums, counts, env)
-            train_seconds = time.perf_counter() - epoch_start
-
-            # -- validate (rank 0), share the result
+            lr = trainee.optimizer.param_groups[0]["lr"]
+            meter, step = train_one_epoch(trainee, loader, epoch=epoch, step=step, config=config, env=env,
+                                          progress=progress)
+            step_scheduler(trainee.scheduler)
+            mean_losses = distributed.reduce_mean(meter.sums, meter.counts, env)
             val_start = time.perf_counter()
-            model.eval()
-            validates = val_fn is not None and ((epoch + 1) % val_every == 0 or epoch + 1 == config.epochs)
-            metrics = val_fn(model) if (validates and env.is_main) else {}
-            metrics = _jsonable(distributed.broadcast_object(metrics, env))
-            val_seconds = time.perf_counter() - val_start
-            if validates and config.best_metric not in metrics:
-                raise UsageError(f"best_metric: '{config.best_metric}' is not a validation metric (available: "
-                                 f"{', '.join(sorted(metrics))})")
-            value = metrics.get(config.best_metric)
-            is_best = validates and metric_improved(value, best_value, config.best_metric)
-            if is_best:
-                best_value, best_epoch = value, epoch + 1
-
-            record = _jsonable({
-                "epoch": epoch + 1, "step": step, "lr": lr, "losses": mean_losses, "val": metrics,
-                "best_metric": config.best_metric, "best_value": best_value, "best_epoch": best_epoch,
-                "is_best": is_best,
-                "time": {"train_s": train_seconds, "val_s": val_seconds,
-                         "epoch_s": time.perf_counter() - epoch_start},
-            })
-            history.append(record)
-
-            # -- checkpoints and logs (rank 0); best.pt first so last.pt never claims a best that is not on disk
+            metrics, is_best = validate(model, val_fn, run, epoch=epoch, val_every=val_every, config=config, env=env)
+            seconds = {"train_s": val_start - epoch_start, "val_s": time.perf_counter() - val_start,
+                       "epoch_s": time.perf_counter() - epoch_start}
+            record = epoch_record(epoch, step, lr, mean_losses, metrics, run, is_best, config, seconds)
+            run.history.append(record)
             if env.is_main:
-                meta = {**(metadata or {}), "epoch": epoch + 1, "epochs": config.epochs, "metrics": metrics,
-                        "losses": record["losses"], "best_metric": config.best_metric, "best_value": best_value,
-                        "best_epoch": best_epoch, "history": history, "train_config": config.model_dump(mode="json"),
-                        "world_size": env.world_size, GRAD_SCALER_KEY: scaler.state_dict() if use_amp else None}
-                states = {
-                    "model_state": model.state_dict(), "model_config": model.config,
-                    "image_size": tuple(model.image_size), "optimizer_state": optimizer.state_dict(),
-                    "scheduler_state": scheduler.state_dict() if scheduler is not None else None,
-                    "extra_states": {name: module.state_dict() for name, module in extras.items()},
-                    "rng_state": capture_rng_state(),
-                }
-                if is_best:
-                    save_checkpoint(best_path, metadata=meta, **states)
-                save_checkpoint(last_path, metadata=meta, **states)
-                write_metrics(run_dir, history)
-                if writer is not None:
-                    for name, loss in record["losses"].items():
-                        writer.add_scalar(f"loss/{name}", loss, epoch + 1)
-                    for name, metric in metrics.items():
-                        if isinstance(metric, (int, float)):
-                            writer.add_scalar(f"val/{name}", metric, epoch + 1)
-                    writer.add_scalar("lr", lr, epoch + 1)
-                    writer.flush()
-                best_text = "" if value is None else f"  {config.best_metric} {value:.4f}{' (best)' if is_best else ''}"
-                say(f"epoch {epoch + 1}/{config.epochs}  {_format_losses(record['losses'])}{best_text}  "
-                    f"({record['time']['epoch_s']:.1f} s)")
+                save_state(run_dir, trainee, run, record, is_best=is_best, config=config, env=env, metadata=metadata)
+                log_epoch(run_dir, writer, say, record, run.history, config)
             distributed.barrier(env)
-
     if writer is not None:
         writer.close()
     return {
         "run_dir": str(run_dir), "epochs": config.epochs, "best_metric": config.best_metric,
-        "best_value": best_value, "best_epoch": best_epoch, "history": history,
+        "best_value": run.best_value, "best_epoch": run.best_epoch, "history": run.history,
         "last": str(last_path), "best": str(best_path) if best_path.exists() else None,
     }

@@ -14,17 +14,23 @@ import numpy as np
 from comoto_cli.cache.h5cache import SliceCache
 from comoto_cli.config import EvaluateConfig
 from comoto_cli.data.datasets import DetectionDataset
+from comoto_cli.data.tables import (
+    IMAGE_PREDICTION_COLUMNS,
+    dbtex_boxes,
+    dbtex_labels,
+    write_dbtex_predictions,
+    write_image_predictions,
+)
 from comoto_cli.errors import CheckpointError, UsageError
-from comoto_cli.evaluation.validation import FPS_PER_IMAGE, detection_metrics, ground_truth_boxes, predict_images
-from comoto_cli.inference.volume import forward_batch_size, predict_cache
-from comoto_cli.metrics.dbtex import DbtexTables, write_predictions_csv
+from comoto_cli.evaluation.validation import FPS_PER_IMAGE, detect_images, detection_metrics, ground_truth_boxes
+from comoto_cli.inference.volume import detect_cache, forward_batch_size
+from comoto_cli.metrics.dbtex import DbtexTables
 from comoto_cli.metrics.image_froc import image_froc
 from comoto_cli.metrics.plots import plot_froc
 from comoto_cli.metrics.report import write_dbtex_report
 from comoto_cli.networks.checkpoint import load_detector
 from comoto_cli.transforms.geometry import cache_to_official
 from comoto_cli.utils.atomic import ensure_writable_dir, write_json_atomic
-from comoto_cli.utils.csvio import write_csv_atomic
 from comoto_cli.utils.system import pick_device
 
 
@@ -40,52 +46,33 @@ def check_image_size(model, cache, checkpoint: Path) -> None:
 
 
 def dbtex_ground_truth(cache, split: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """The DBTex boxes and labels tables of ``split``, from the cache (boxes in the official frame).
+    """The scorer's boxes and labels tables of ``split``, built from the cache (boxes in the official frame).
 
-    Labels list every volume of the split (normal volumes count for ``sensitivity_at_2_fps_all``); boxes
-    carry ``Slice`` (central slice) and ``VolumeSlices`` as the official boxes CSV does.
+    Labels list every volume of the split (normal volumes count for ``sensitivity_at_2_fps_all``); each box
+    carries its central ``Slice`` and its view's ``VolumeSlices``, as a BCS-DBT boxes CSV row does. The tables
+    are the structures :mod:`comoto_cli.data.tables` reads from CSV files, so no CSV is written in between.
     """
     vols = cache.volumes
     volumes = cache.volumes_in_split(split)
-    lesion_volume = cache.lesions["volume"]
-    in_split = np.isin(lesion_volume, volumes)
-    lesion_rows = np.flatnonzero(in_split)
-    owner = lesion_volume[lesion_rows]
-    boxes = {
-        "PatientID": vols["patient_id"][owner].astype(object),
-        "StudyUID": vols["study_uid"][owner].astype(object),
-        "View": vols["view"][owner].astype(object),
-        "Subject": np.arange(len(lesion_rows), dtype=np.int64),
-        "Slice": cache.lesions["slice"][lesion_rows].astype(np.int64),
-        "X": cache.lesions["x"][lesion_rows].astype(np.float64),
-        "Y": cache.lesions["y"][lesion_rows].astype(np.float64),
-        "Width": cache.lesions["width"][lesion_rows].astype(np.float64),
-        "Height": cache.lesions["height"][lesion_rows].astype(np.float64),
-        "Class": cache.lesions["class"][lesion_rows].astype(object),
-        "AD": np.zeros(len(lesion_rows), dtype=np.int64),
-        "VolumeSlices": vols["volume_slices"][owner].astype(np.int64),
-    }
-    has_lesion = np.isin(volumes, owner)
-    label_text = np.array([str(v).lower() for v in vols["label"][volumes]], dtype=object)
-    labels = {
-        "PatientID": vols["patient_id"][volumes].astype(object),
-        "StudyUID": vols["study_uid"][volumes].astype(object),
-        "View": vols["view"][volumes].astype(object),
-        "Normal": ((label_text == "normal") | ((label_text == "") & ~has_lesion)).astype(np.int64),
-        "Actionable": (label_text == "actionable").astype(np.int64),
-        "Benign": (label_text == "benign").astype(np.int64),
-        "Cancer": (label_text == "cancer").astype(np.int64),
-    }
+    lesion_rows = np.flatnonzero(np.isin(cache.lesions["volume"], volumes))
+    owner = cache.lesions["volume"][lesion_rows]
+    boxes = dbtex_boxes(
+        vols["patient_id"][owner], vols["study_uid"][owner], vols["view"][owner],
+        cache.lesions["x"][lesion_rows], cache.lesions["y"][lesion_rows],
+        cache.lesions["width"][lesion_rows], cache.lesions["height"][lesion_rows],
+        cache.lesions["slice"][lesion_rows], vols["volume_slices"][owner],
+    )
+    labels = dbtex_labels(vols["patient_id"][volumes], vols["study_uid"][volumes], vols["view"][volumes])
     return boxes, labels
 
 
 def _evaluate_dbt(model, cache, config: EvaluateConfig, out: Path, device, progress: bool) -> dict:
 
     # One volume at a time, its cached slices read batch by batch (CacheVolume): never a whole volume or split.
-    predictions = predict_cache(model, cache, config.split, config.inference, device, progress=progress)
+    predictions = detect_cache(model, cache, config.split, config.inference, device, progress=progress)
     boxes, labels = dbtex_ground_truth(cache, config.split)
     tables = DbtexTables(predictions=predictions, boxes=boxes, labels=labels)
-    write_predictions_csv(out / "predictions.csv", predictions)
+    write_dbtex_predictions(out / "predictions.csv", predictions)
     return write_dbtex_report(out, tables, bootstrap=config.bootstrap, seed=config.seed, froc=config.froc,
                               extra={"checkpoint": str(config.checkpoint), "split": config.split})
 
@@ -93,15 +80,16 @@ def _evaluate_dbt(model, cache, config: EvaluateConfig, out: Path, device, progr
 def _write_image_predictions(path: Path, cache, rows, predictions) -> None:
 
     vols = cache.volumes
-    records = []
+    columns: dict[str, list] = {name: [] for name in IMAGE_PREDICTION_COLUMNS}
     for row, prediction in zip(rows, predictions):
         volume = int(cache.slice_volume[row])
         xywh = cache_to_official(prediction["boxes"], float(vols["scale_y"][volume]), float(vols["scale_x"][volume]))
+        image = {"image_id": vols["source"][volume], "PatientID": vols["patient_id"][volume],
+                 "StudyUID": vols["study_uid"][volume], "View": vols["view"][volume]}
         for (x, y, w, h), score in zip(xywh, prediction["scores"]):
-            records.append((vols["source"][volume], vols["patient_id"][volume], vols["study_uid"][volume],
-                            vols["view"][volume], f"{x:.2f}", f"{w:.2f}", f"{y:.2f}", f"{h:.2f}", f"{score:.6f}"))
-    write_csv_atomic(path, ["image_id", "PatientID", "StudyUID", "View", "X", "Width", "Y", "Height", "Score"],
-                     records)
+            for name, value in {**image, "X": x, "Width": w, "Y": y, "Height": h, "Score": score}.items():
+                columns[name].append(value)
+    write_image_predictions(path, columns)
 
 
 def _plot_image_froc(path: Path, predictions, ground_truth, marks, split: str) -> None:
@@ -117,7 +105,7 @@ def _evaluate_mammo(model, cache, config: EvaluateConfig, out: Path, device, pro
     dataset = DetectionDataset(cache, config.split, augment=None)
     # Images are read from the cache batch by batch; on the CPU a batch is capped in pixels like volume inference.
     batch_size = forward_batch_size(config.inference.batch_size, (cache.image_height, cache.image_width), device)
-    predictions = predict_images(model, dataset, batch_size=batch_size, device=device)
+    predictions = detect_images(model, dataset, batch_size=batch_size, device=device)
     ground_truth = ground_truth_boxes(dataset)
     metrics = {**detection_metrics(predictions, ground_truth), "split": config.split,
                "checkpoint": str(config.checkpoint)}

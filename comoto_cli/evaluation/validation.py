@@ -15,6 +15,7 @@ import torch
 
 from comoto_cli.data.datasets import DetectionDataset, make_loader
 from comoto_cli.metrics.image_froc import image_froc
+from comoto_cli.networks.detector import detections_as_numpy
 from comoto_cli.utils.system import loader_workers
 
 FPS_PER_IMAGE = (1, 2, 3, 4)
@@ -29,28 +30,18 @@ METRIC_NAMES = (
 
 
 @torch.no_grad()
-def predict_images(model, dataset: DetectionDataset, *, batch_size: int = 16, device: torch.device | None = None,
-                   num_workers: int | str = "auto") -> list[dict[str, np.ndarray]]:
-    """``model.predict`` over every image of ``dataset`` (in order) in eval mode; the model's previous
-    train/eval mode is restored. Returns per image ``{"boxes": (n, 4), "scores": (n,)}`` numpy arrays."""
+def detect_images(model, dataset: DetectionDataset, *, batch_size: int = 16, device: torch.device | None = None,
+                  num_workers: int | str = "auto") -> list[dict[str, np.ndarray]]:
+    """``model.predict`` (eval mode, see :meth:`ComotoDetector.predict`) over every image of ``dataset``, in order.
+    Returns per image ``{"boxes": (n, 4), "scores": (n,)}`` float32 numpy arrays, boxes xyxy in cache pixels."""
     if device is None:
         device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    predictions: list[dict[str, np.ndarray]] = []
-    try:
-        workers = loader_workers(num_workers, torch.device(device).type)
-        loader = make_loader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
-        for batch in loader:
-            outputs = model.predict(batch["images"].to(device))
-            for output in outputs:
-                predictions.append({
-                    "boxes": output["boxes"].detach().float().cpu().numpy().reshape(-1, 4),
-                    "scores": output["scores"].detach().float().cpu().numpy().reshape(-1),
-                })
-    finally:
-        model.train(was_training)
-    return predictions
+    workers = loader_workers(num_workers, torch.device(device).type)
+    loader = make_loader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
+    detections: list[dict[str, np.ndarray]] = []
+    for batch in loader:
+        detections.extend(detections_as_numpy(model.predict(batch["images"].to(device))))
+    return detections
 
 
 def ground_truth_boxes(dataset: DetectionDataset) -> list[np.ndarray]:
@@ -110,7 +101,7 @@ def _finite_or_none(value) -> float | None:
 
 def validate(model, dataset: DetectionDataset, *, batch_size: int = 16, num_workers: int | str = "auto") -> dict:
     """Predict every image of ``dataset`` and score it (:func:`detection_metrics`)."""
-    predictions = predict_images(model, dataset, batch_size=batch_size, num_workers=num_workers)
+    predictions = detect_images(model, dataset, batch_size=batch_size, num_workers=num_workers)
     return detection_metrics(predictions, ground_truth_boxes(dataset))
 
 

@@ -22,8 +22,9 @@ import numpy as np
 
 from comoto_cli.config import InferenceConfig, PredictConfig
 from comoto_cli.data.dicom_io import open_dicom_image, view_from_dataset
+from comoto_cli.data.tables import PREDICT_COLUMNS as OUTPUT_COLUMNS
 from comoto_cli.errors import ComotoError, InputDataError, UsageError
-from comoto_cli.inference.volume import DBTEX_COLUMNS, detect_volume, detections_to_dbtex
+from comoto_cli.inference.volume import detect_volume, detections_to_dbtex
 from comoto_cli.networks.checkpoint import load_detector
 from comoto_cli.transforms.geometry import cache_to_official
 from comoto_cli.transforms.resize import resize_area
@@ -32,7 +33,6 @@ from comoto_cli.utils.csvio import write_csv_atomic
 from comoto_cli.utils.system import pick_device
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
-OUTPUT_COLUMNS = (*DBTEX_COLUMNS, "path")
 # Boxes drawn per overlay panel and panels (distinct slices of the best detections) per overlay.
 OVERLAY_BOXES = 5
 OVERLAY_PANELS = 3
@@ -156,10 +156,11 @@ class InputPrediction:
     image_shape: tuple[int, ...] = field(default_factory=tuple)
 
 
-def predict_array(model, image, kind: str, config: InferenceConfig, device) -> dict[str, np.ndarray]:
-    """DBTex rows (no key columns) of one official-frame image: for 'dbt' an (S, rows, cols) array or a frame
-    reader (:class:`DbtFrames`, streamed batch by batch), for 'mammo' a (rows, cols) array. Mammograms keep the
-    detector's own NMS (there is no neighbouring slice to compare with)."""
+def detect_dicom_image(model, image, kind: str, config: InferenceConfig, device) -> dict[str, np.ndarray]:
+    """DBTex rows (numeric columns, no keys; boxes in the official frame) of one decoded DICOM image in the
+    official frame: for 'dbt' an (S, rows, cols) array or a frame reader (:class:`DbtFrames`, streamed batch by
+    batch), for 'mammo' a (rows, cols) array. Mammograms keep the detector's own NMS (there is no neighbouring
+    slice to compare with)."""
     volume = np.asarray(image)[None] if kind == "mammo" else image
     shape = tuple(int(v) for v in volume.shape)
     if len(shape) != 3 or min(shape) < 1:
@@ -225,10 +226,11 @@ def open_input(path: Path, accept_modality: tuple[str, ...] = ()):
     return (image if kind == "dbt" else np.asarray(image)), str(kind)
 
 
-def predict_inputs(model, paths: list[Path], config: InferenceConfig, device, *, overlays: Path | None = None,
-                   progress: bool = True, accept_modality: tuple[str, ...] = ()) -> list[InputPrediction]:
-    """Predict every input; with ``overlays`` write one PNG per input there as it goes. ``accept_modality``:
-    modalities the user vouches for (``--accept-modality``)."""
+def detect_files(model, paths: list[Path], config: InferenceConfig, device, *, overlays: Path | None = None,
+                 progress: bool = True, accept_modality: tuple[str, ...] = ()) -> list[InputPrediction]:
+    """Detections of every DICOM file in ``paths``, one :class:`InputPrediction` each, in order; with
+    ``overlays`` write one PNG per input there as it goes. ``accept_modality``: modalities the user vouches for
+    (``--accept-modality``)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     results: list[InputPrediction] = []
@@ -244,7 +246,7 @@ def predict_inputs(model, paths: list[Path], config: InferenceConfig, device, *,
             if kind not in ("dbt", "mammo"):
                 raise InputDataError(f"unsupported image kind {kind!r}", path=path)
             with _InputErrors(path, broad=False):
-                rows = predict_array(model, image, kind, config, device)
+                rows = detect_dicom_image(model, image, kind, config, device)
             result = InputPrediction(path=path, kind=kind, keys=keys, rows=rows,
                                      image_shape=tuple(int(v) for v in image.shape))
             if overlays is not None:
@@ -317,8 +319,8 @@ def overlay_slices(rows: dict[str, np.ndarray], num_slices: int) -> list[int]:
 def write_overlay(path: Path, image, kind: str, result: InputPrediction) -> None:
     """A PNG for a person to look at: the slice(s) of the top detections with their boxes and scores.
 
-    ``image`` as for :func:`predict_array`; of a frame reader only the (at most ``OVERLAY_PANELS``) slices shown
-    are decoded."""
+    ``image`` as for :func:`detect_dicom_image`; of a frame reader only the (at most ``OVERLAY_PANELS``) slices
+    shown are decoded."""
     # The Agg canvas directly, not pyplot: no display and no global backend state.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -369,8 +371,8 @@ def run_predict(config: PredictConfig, progress: bool = True) -> tuple[list[dict
     model, _metadata = load_detector(config.checkpoint, map_location="cpu")
     if config.overlays is not None:
         ensure_writable_dir(config.overlays)
-    results = predict_inputs(model, paths, config.inference, pick_device(), overlays=config.overlays,
-                             progress=progress, accept_modality=tuple(config.accept_modality))
+    results = detect_files(model, paths, config.inference, pick_device(), overlays=config.overlays,
+                           progress=progress, accept_modality=tuple(config.accept_modality))
     table = records(results)
     write_output(config.out, table, config.format)
     return table, len(paths)

@@ -1,6 +1,6 @@
 """DBT volume inference: a 2-D detector on every slice, then volume NMS, boxes in the official frame.
 
-The reference (DESIGN.md section 3, "Volume inference") runs its 2-D RetinaNet on each slice of a volume,
+The reference (docs/design.md section 3, "Volume inference") runs its 2-D RetinaNet on each slice of a volume,
 maps the boxes back to the official reader's frame at full resolution and keeps, for every slice ``i``, the
 boxes that are not beaten by an overlapping, higher-scoring box within ``[i - L/4, i + L/4)`` slices. Each
 surviving box becomes one row of a DBTex submission: ``Z`` = its slice, ``Depth`` = 0.
@@ -20,13 +20,13 @@ import numpy as np
 import torch
 
 from comoto_cli.config import InferenceConfig
+from comoto_cli.data.tables import DBTEX_COLUMNS
+from comoto_cli.data.tables import DBTEX_NUMERIC_COLUMNS as _NUMERIC_COLUMNS
 from comoto_cli.errors import InputDataError, UsageError
 from comoto_cli.inference.volume_nms import volume_nms
+from comoto_cli.networks.detector import detections_as_numpy
 from comoto_cli.transforms.geometry import cache_to_official
 from comoto_cli.utils.system import loader_workers
-
-DBTEX_COLUMNS = ("PatientID", "StudyUID", "View", "X", "Width", "Y", "Height", "Z", "Depth", "Score")
-_NUMERIC_COLUMNS = ("X", "Width", "Y", "Height", "Z", "Depth", "Score")
 
 
 class SliceSource(Protocol):
@@ -78,120 +78,6 @@ def slice_range(num_slices: int, skip_edge_slices: int) -> range:
     return range(skip, int(num_slices) - skip)
 
 
-# MONAI orders box coordinates by tensor axis (rows first); image xyxy puts x (columns) first.
-_MONAI_TO_XYXY = [1, 0, 3, 2]
-
-
-_NMS_CHUNK = 256
-
-
-def _iou_with(coords: tuple[np.ndarray, ...], area: np.ndarray, others: np.ndarray, picked: np.ndarray) -> np.ndarray:
-    """IoU (len(picked), len(others)) in MONAI's float32 arithmetic: intersection of the clamped overlaps over
-    (area + area - intersection + eps)."""
-    a0, a1, a2, a3 = (c[picked][:, None] for c in coords)
-    b0, b1, b2, b3 = (c[others][None, :] for c in coords)
-    extent0 = np.maximum(np.minimum(b2, a2) - np.maximum(b0, a0), 0)
-    extent1 = np.maximum(np.minimum(b3, a3) - np.maximum(b1, a1), 0)
-    inter = extent0 * extent1
-    return inter / ((area[others][None, :] + area[picked][:, None] - inter) + np.finfo(np.float32).eps)
-
-
-def _nms_keep(boxes: np.ndarray, scores: np.ndarray, threshold: float, max_keep: int) -> np.ndarray:
-    """Greedy NMS giving exactly MONAI's ``non_max_suppression`` (stable descending sort, a box survives when its
-    float32 IoU with every earlier pick is <= threshold, stop after ``max_keep`` picks) at a fraction of the cost.
-
-    Greedy NMS decides a box only from the picks made before it, so candidates are taken in score-ordered chunks:
-    a chunk is first checked against all picks so far in one matrix operation, then resolved greedily within
-    itself from its own IoU matrix (one boolean row operation per pick). Once ``max_keep`` boxes are picked the
-    low-scoring rest is never looked at.
-    """
-    order = np.argsort(-scores, kind="stable")
-    sorted_boxes = np.ascontiguousarray(boxes[order], dtype=np.float32)
-    coords = tuple(np.ascontiguousarray(sorted_boxes[:, k]) for k in range(4))
-    area = (coords[2] - coords[0]) * (coords[3] - coords[1])
-    picks: list[int] = []
-    for start in range(0, len(order), _NMS_CHUNK):
-        candidates = np.arange(start, min(start + _NMS_CHUNK, len(order)))
-        if picks:
-            overlap = _iou_with(coords, area, candidates, np.asarray(picks))
-            candidates = candidates[np.all(overlap <= threshold, axis=0)]
-        if not candidates.size:
-            continue
-        # survives[i, j]: candidate j is not suppressed if candidate i is picked.
-        survives = _iou_with(coords, area, candidates, candidates) <= threshold
-        alive = np.ones(len(candidates), dtype=bool)
-        for i in range(len(candidates)):
-            if not alive[i]:
-                continue
-            picks.append(int(candidates[i]))
-            if len(picks) >= max_keep >= 1:
-                return order[np.asarray(picks, dtype=np.int64)]
-            alive &= survives[i]
-    return order[np.asarray(picks, dtype=np.int64)]
-
-
-def fast_predict(model, images: torch.Tensor) -> list[dict[str, np.ndarray]]:
-    """``model.predict`` for a :class:`ComotoDetector`, with MONAI's post-processing done batch-wise.
-
-    MONAI's ``postprocess_detections`` decodes every anchor of every image, then selects per image and level
-    and runs a Python-loop NMS with heavy per-call checks; on small models or a GPU that costs as much as
-    the network itself. Here the per-level score threshold and top-k run on the whole batch at once, only the
-    selected anchors are decoded (with MONAI's own box coder and clipping, so the numbers are the same), and
-    the NMS (same arithmetic, see :func:`_nms_keep`) runs on the few hundred candidates on the CPU. The result
-    equals ``model.predict`` (tested; exactly tied scores at the top-k cut could pick different anchors);
-    models without the detector internals fall back to ``model.predict``.
-    """
-    from monai.data.box_utils import clip_boxes_to_image
-
-    detector = getattr(model, "detector", None)
-    if detector is None or not hasattr(model, "_heads") or getattr(detector, "num_classes", 1) != 1:
-        outputs = model.predict(images)
-        return [{"boxes": o["boxes"].detach().to("cpu", torch.float32).numpy().reshape(-1, 4),
-                 "scores": o["scores"].detach().to("cpu", torch.float32).numpy().reshape(-1)} for o in outputs]
-    selector = detector.box_selector
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            reshaped, anchors, locations, _ = model._heads(images)
-            per_level = [count * detector.num_anchors_per_loc for count in locations]
-            logits_levels = reshaped[detector.cls_key].split(per_level, dim=1)
-            regression_levels = reshaped[detector.box_reg_key].split(per_level, dim=1)
-            anchor_levels = anchors[0].split(per_level)  # identical for every image of the batch
-            batch = images.shape[0]
-            spatial = list(images.shape[-2:])
-            level_boxes, level_scores, level_valid = [], [], []
-            for logits, regression, level_anchors in zip(logits_levels, regression_levels, anchor_levels):
-                scores = torch.sigmoid(logits.to(torch.float32)).reshape(batch, -1)
-                masked = torch.where(scores > selector.score_thresh, scores, torch.full_like(scores, -1.0))
-                k = min(int(selector.topk_candidates_per_level), masked.shape[1])
-                top_scores, top_index = masked.topk(k, dim=1)
-                valid = top_scores > selector.score_thresh
-                codes = torch.gather(regression.to(torch.float32), 1,
-                                     top_index[..., None].expand(-1, -1, regression.shape[-1]))
-                decoded = detector.box_coder.decode_single(codes.reshape(-1, codes.shape[-1]),
-                                                           level_anchors[top_index.reshape(-1)])
-                clipped, _ = clip_boxes_to_image(decoded, spatial, remove_empty=False)
-                width_ok = clipped[:, 2] >= clipped[:, 0] + 1
-                height_ok = clipped[:, 3] >= clipped[:, 1] + 1
-                level_boxes.append(clipped.reshape(batch, k, -1))
-                level_scores.append(top_scores)
-                level_valid.append(valid & (width_ok & height_ok).reshape(batch, k))
-            boxes_all = torch.cat(level_boxes, dim=1).to("cpu", torch.float32).numpy()
-            scores_all = torch.cat(level_scores, dim=1).to("cpu", torch.float32).numpy()
-            valid_all = torch.cat(level_valid, dim=1).cpu().numpy()
-    finally:
-        model.train(was_training)
-    results = []
-    for index in range(batch):
-        keep = np.flatnonzero(valid_all[index])
-        boxes, scores = boxes_all[index, keep], scores_all[index, keep]
-        chosen = _nms_keep(boxes, scores, float(selector.nms_thresh), int(selector.detections_per_img)) \
-            if len(keep) else np.zeros(0, np.int64)
-        results.append({"boxes": np.ascontiguousarray(boxes[chosen][:, _MONAI_TO_XYXY]), "scores": scores[chosen]})
-    return results
-
-
 def _empty_detections() -> dict[str, np.ndarray]:
     return {"slice_index": np.zeros(0, np.int64), "boxes": np.zeros((0, 4), np.float32),
             "scores": np.zeros(0, np.float32)}
@@ -204,9 +90,9 @@ def detect_volume(model, slices: np.ndarray | torch.Tensor | SliceSource, *, con
     ``slices``: (S, H, W) in [0, 1] at the model's image size (numpy, tensor or a lazy source such as
     :class:`CacheVolume` or predict's ``ResizedVolume``). It is read only by ranges ``slices[start:stop]`` of at
     most ``config.batch_size`` slices (fewer on the CPU, see :func:`forward_batch_size`), in ascending order, and
-    no batch is kept after its pass, so a lazy source never has the whole volume in memory. Slices go through the
-    detector (:func:`fast_predict`, equal to ``model.predict``) a batch at a time, skipping
-    ``config.skip_edge_slices`` at each end (see :func:`slice_range`). Returns ``slice_index`` (n,) int64,
+    no batch is kept after its pass, so a lazy source never has the whole volume in memory. Slices go through
+    ``model.predict`` a batch at a time, skipping ``config.skip_edge_slices`` at each end (see
+    :func:`slice_range`). Returns ``slice_index`` (n,) int64,
     ``boxes`` (n, 4) float32 xyxy in the cache frame (pixels of ``slices``) and ``scores`` (n,) float32; the
     same for any batch size.
     """
@@ -227,7 +113,7 @@ def detect_volume(model, slices: np.ndarray | torch.Tensor | SliceSource, *, con
         batch = slices[start:stop]
         batch = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch))
         batch = batch.to(device=device, dtype=torch.float32, non_blocking=True).unsqueeze(1)
-        outputs = fast_predict(model, batch)
+        outputs = detections_as_numpy(model.predict(batch))
         del batch  # the next batch is read before this name is rebound: do not hold two at once
         for offset, output in enumerate(outputs):
             count = len(output["scores"])
@@ -376,18 +262,9 @@ class StreamVolume:
         return self.stream.take(stop - start)
 
 
-def predict_cache(model, cache, split: str, config: InferenceConfig, device: torch.device | str = "cpu",
-                  progress: bool = True) -> dict[str, np.ndarray]:
-    """DBTex prediction columns for every volume of ``split`` in a DBT :class:`SliceCache`.
-
-    Val/test volumes hold all their slices in the cache (contiguous, in order); a volume that does not (the
-    training split keeps only training samples) cannot be inferred as a volume and is a usage error. With
-    ``config.num_workers`` (auto: on a GPU) the slices are read and decompressed ahead by that many processes,
-    in the order the detector takes them; otherwise the main process reads each batch when it is needed.
-    """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    volumes = [int(v) for v in cache.volumes_in_split(split)]
+def _check_whole_volumes(cache, split: str, volumes: list[int]) -> None:
+    """Val/test volumes hold all their slices in the cache (contiguous, in order); a volume that does not (the
+    training split keeps only training samples) cannot be inferred as a volume."""
     vols = cache.volumes
     for volume in volumes:
         num_slices = int(vols["num_slices"][volume])
@@ -396,6 +273,22 @@ def predict_cache(model, cache, split: str, config: InferenceConfig, device: tor
             raise UsageError(f"split {split!r} volume {vols['patient_id'][volume]}/{vols['view'][volume]} "
                              f"stores {rows.stop - rows.start} of its {num_slices} slices; volume inference needs "
                              "the val or test split, which stores every slice", path=cache.path)
+
+
+def detect_cache(model, cache, split: str, config: InferenceConfig, device: torch.device | str = "cpu",
+                 progress: bool = True) -> dict[str, np.ndarray]:
+    """DBTex prediction columns (:data:`DBTEX_COLUMNS`, one row per box) for every volume of ``split`` in a DBT
+    :class:`SliceCache`, volume by volume (:func:`volume_predictions`).
+
+    Every volume must hold all its slices (the val or test split; else a usage error). With
+    ``config.num_workers`` (auto: on a GPU) the slices are read and decompressed ahead by that many processes,
+    in the order the detector takes them; otherwise the main process reads each batch when it is needed.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    volumes = [int(v) for v in cache.volumes_in_split(split)]
+    vols = cache.volumes
+    _check_whole_volumes(cache, split, volumes)
     device = torch.device(device)
     workers = loader_workers(config.num_workers, device.type)
     wanted = {v: slice_range(int(vols["num_slices"][v]), config.skip_edge_slices) for v in volumes}

@@ -1,4 +1,4 @@
-"""Volume NMS: merge per-slice 2D detections of one DBT volume into 3D detections (DESIGN.md section 3).
+"""Volume NMS: merge per-slice 2D detections of one DBT volume into 3D detections (docs/design.md section 3).
 
 Reference: ``NMS_volume`` in Muhammad-Al-Barbary/CoMoTo (``comoto/engine/utils.py``, itself from
 ICEBERG-VICOROB/DBT_phase2). There, with L slices in the volume's prediction list, ``depth = int(L / 4)``

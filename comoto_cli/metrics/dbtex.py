@@ -50,14 +50,8 @@ from pathlib import Path
 
 import numpy as np
 
+from comoto_cli.data.tables import read_dbtex_boxes, read_dbtex_labels, read_dbtex_predictions
 from comoto_cli.errors import InputDataError
-from comoto_cli.utils.csvio import CsvTable, read_csv, write_csv_atomic
-
-PREDICTION_COLUMNS = ("PatientID", "StudyUID", "View", "X", "Width", "Y", "Height", "Z", "Depth", "Score")
-BOX_COLUMNS = ("PatientID", "StudyUID", "View", "X", "Y", "Width", "Height", "Slice", "VolumeSlices")
-LABEL_COLUMNS = ("PatientID", "StudyUID", "View")
-LABEL_OPTIONAL = ("Normal", "Actionable", "Benign", "Cancer")
-TEXT_COLUMNS = ("PatientID", "StudyUID", "View")
 
 #: The official in-plane distance floor in pixels (``min_dist`` of ``_is_tp``).
 MIN_HIT_DISTANCE = 100.0
@@ -76,7 +70,11 @@ _KEY_SEPARATOR = "\x1f"  # ASCII unit separator: cannot occur in a UID or a view
 
 @dataclass
 class DbtexTables:
-    """The three DBTex tables as numpy column arrays (text columns are ``str`` arrays, numbers float64)."""
+    """The three DBTex tables as numpy column arrays (text columns are ``str`` arrays, numbers float64).
+
+    Their columns are defined in :mod:`comoto_cli.data.tables` (``DBTEX_COLUMNS``, ``DBTEX_BOX_COLUMNS``,
+    ``DBTEX_LABEL_COLUMNS``), which also reads them from CSV files and builds them from arrays.
+    """
 
     predictions: dict[str, np.ndarray]
     boxes: dict[str, np.ndarray]
@@ -85,101 +83,14 @@ class DbtexTables:
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def _text(table: CsvTable, name: str) -> np.ndarray:
-    return np.asarray(table.text(name), dtype=str)
-
-
-def _require_nonnegative(table: CsvTable, values: np.ndarray, name: str) -> None:
-    bad = np.flatnonzero(values < 0)
-    if bad.size:
-        raise InputDataError(f"column {name!r} is negative: {values[bad[0]]:g}", path=table.path, row=table.rows[bad[0]])
-
-
-def _require_nonempty_text(table: CsvTable, values: np.ndarray, name: str) -> None:
-    bad = np.flatnonzero(values == "")
-    if bad.size:
-        raise InputDataError(f"column {name!r} is empty", path=table.path, row=table.rows[bad[0]])
-
-
-def read_predictions_csv(path: str | Path) -> dict[str, np.ndarray]:
-    table = read_csv(path, PREDICTION_COLUMNS)
-    columns: dict[str, np.ndarray] = {}
-    for name in PREDICTION_COLUMNS:
-        if name in TEXT_COLUMNS:
-            columns[name] = _text(table, name)
-            _require_nonempty_text(table, columns[name], name)
-        else:
-            columns[name] = table.floats(name)  # NaN / inf / text -> error naming the row
-    for name in ("Width", "Height", "Depth"):
-        _require_nonnegative(table, columns[name], name)
-    return columns
-
-
-def read_boxes_csv(path: str | Path) -> dict[str, np.ndarray]:
-    table = read_csv(path, BOX_COLUMNS, optional=("Class",))
-    columns: dict[str, np.ndarray] = {}
-    for name in BOX_COLUMNS:
-        if name in TEXT_COLUMNS:
-            columns[name] = _text(table, name)
-            _require_nonempty_text(table, columns[name], name)
-        else:
-            columns[name] = table.floats(name)
-    if "Class" in table.columns:
-        columns["Class"] = _text(table, "Class")
-    for name in ("Width", "Height"):
-        _require_nonnegative(table, columns[name], name)
-    bad = np.flatnonzero(columns["VolumeSlices"] <= 0)
-    if bad.size:
-        raise InputDataError(
-            f"column 'VolumeSlices' must be positive: {columns['VolumeSlices'][bad[0]]:g}",
-            path=table.path, row=table.rows[bad[0]],
-        )
-    return columns
-
-
-def read_labels_csv(path: str | Path) -> dict[str, np.ndarray]:
-    table = read_csv(path, LABEL_COLUMNS, optional=LABEL_OPTIONAL)
-    columns: dict[str, np.ndarray] = {}
-    for name in LABEL_COLUMNS:
-        columns[name] = _text(table, name)
-        _require_nonempty_text(table, columns[name], name)
-    for name in LABEL_OPTIONAL:
-        if name in table.columns:
-            columns[name] = table.ints(name)
-    return columns
-
-
 def read_dbtex_csvs(predictions_csv: str | Path, boxes_csv: str | Path, labels_csv: str | Path) -> DbtexTables:
     """Read a DBTex submission, the GT boxes and the volume labels; errors name the file and row."""
     return DbtexTables(
-        predictions=read_predictions_csv(predictions_csv),
-        boxes=read_boxes_csv(boxes_csv),
-        labels=read_labels_csv(labels_csv),
+        predictions=read_dbtex_predictions(predictions_csv),
+        boxes=read_dbtex_boxes(boxes_csv),
+        labels=read_dbtex_labels(labels_csv),
         sources={"predictions": str(predictions_csv), "boxes": str(boxes_csv), "labels": str(labels_csv)},
     )
-
-
-def _fmt(value: float) -> str:
-    value = float(value)
-    if value.is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    return repr(value)  # shortest text that reads back to the same float
-
-
-def write_predictions_csv(path: str | Path, predictions: dict[str, np.ndarray]) -> None:
-    """Write a DBTex submission CSV (columns in the official order) atomically."""
-    missing = [name for name in PREDICTION_COLUMNS if name not in predictions]
-    if missing:
-        raise ValueError(f"predictions lack column(s) {missing}")
-    count = len(predictions["Score"])
-    if any(len(predictions[name]) != count for name in PREDICTION_COLUMNS):
-        raise ValueError("prediction columns differ in length")
-    text = [np.asarray(predictions[name]).astype(str) for name in TEXT_COLUMNS]
-    numbers = [np.asarray(predictions[name], dtype=np.float64) for name in PREDICTION_COLUMNS[3:]]
-    records = (
-        [text[0][i], text[1][i], text[2][i], *(_fmt(column[i]) for column in numbers)] for i in range(count)
-    )
-    write_csv_atomic(path, PREDICTION_COLUMNS, records)
 
 
 # ---------------------------------------------------------------------------------------------- matching

@@ -1,6 +1,6 @@
 """ResNet-FPN feature extractor built from MONAI parts only (no torchvision), one input channel.
 
-MONAI's own ``resnet_fpn_feature_extractor`` / ``BackboneWithFPN`` import torchvision (DESIGN.md section 4), so
+MONAI's own ``resnet_fpn_feature_extractor`` / ``BackboneWithFPN`` import torchvision (docs/design.md section 4), so
 the extractor is assembled here from ``monai.networks.nets.resnet.ResNet`` stages and MONAI's
 ``FeaturePyramidNetwork`` + ``LastLevelMaxPool``.
 

@@ -1,8 +1,8 @@
 """``comoto preprocess``: DICOM + CSV -> the HDF5 slice cache (``comoto_cli.cache.h5cache`` documents the layout).
 
-Steps: discover the images and boxes (``comoto_cli.data.sources``), validate every box against its image
-header, split patients (``splits.assign_splits``), then decode + resize in worker processes while the main
-process writes the HDF5 file (h5py is not safe for concurrent writers).
+Steps: discover the images and boxes with the config's dataset adapter (``comoto_cli.data.adapters``), validate
+every box against its image header, split patients (``splits.assign_splits``), then decode + resize in worker
+processes while the main process writes the HDF5 file (h5py is not safe for concurrent writers).
 
 Real size: a worker decodes only the frames its volume contributes (a training volume: frame 0, which the
 official flip rule reads, plus its kept slices; validation/test: every frame), one frame at a time, and writes
@@ -46,7 +46,8 @@ from comoto_cli.cache import h5cache
 from comoto_cli.cache.h5cache import FORMAT_VERSION, WORK_KEY, CacheWriter, StoredSlices, VolumeRecord
 from comoto_cli.cache.shards import SHARD_ATTR, SHARD_GROUP, parse_shard
 from comoto_cli.config import PreprocessConfig, config_json
-from comoto_cli.data import dicom_io, sources
+from comoto_cli.data import sources
+from comoto_cli.data.adapters import DatasetAdapter, adapter_for, default_dataset, get_adapter
 from comoto_cli.data.splits import assign_splits, merge_dataset_split
 from comoto_cli.errors import ComotoError, InputDataError
 from comoto_cli.transforms.geometry import official_to_cache
@@ -106,6 +107,7 @@ class VolumeTask:
     compression_level: int = 4
     decoder: str = "auto"
     accept_modality: tuple[str, ...] = ()  # mammograms: modalities the user vouches for (--accept-modality)
+    dataset: str = ""  # the adapter that reads it; "" (tasks made by hand): the modality's default adapter
 
 
 @dataclass
@@ -143,21 +145,20 @@ def _load_part(path: Path) -> dict | None:
         return None
 
 
-def _read_source(task: VolumeTask):
-    """(shape, flipped, iterator of (index, float32 frame in the official frame)) for the task's slices."""
+def _task_adapter(task: VolumeTask) -> DatasetAdapter:
+    """The adapter a worker reads the task with (looked up by name: adapters do not travel to workers)."""
+    return get_adapter(task.dataset or default_dataset(PreprocessConfig(modality=task.modality)))
 
-    if task.modality == "dbt":
-        source = dicom_io.open_dbt(task.path, task.view, row=task.row, csv=task.csv, decoder=task.decoder)
-        shape = tuple(int(v) for v in source.shape)
-        if shape == tuple(task.expected_shape):
-            return shape, bool(source.flipped), source.frames(task.slices)
-    else:
-        image = dicom_io.read_mammogram(task.path, row=task.row, csv=task.csv, accept_modality=task.accept_modality)
-        shape = (1, *image.shape)
-        if shape == tuple(task.expected_shape):
-            return shape, False, iter([(0, image)])
-    raise InputDataError(f"decoded pixels have shape {shape} but the header says {tuple(task.expected_shape)}",
-                         path=task.path)
+
+def _read_source(task: VolumeTask):
+    """(shape, flipped, iterator of (index, float32 frame)) for the task's slices, from its dataset's adapter."""
+    source = _task_adapter(task).open_pixels(task.path, view=task.view, csv=task.csv, row=task.row,
+                                             slices=task.slices, decoder=task.decoder,
+                                             accept_modality=task.accept_modality)
+    if tuple(source.shape) != tuple(task.expected_shape):
+        raise InputDataError(f"decoded pixels have shape {tuple(source.shape)} but the header says "
+                             f"{tuple(task.expected_shape)}", path=task.path)
+    return tuple(source.shape), source.flipped, source.frames
 
 
 def _fsync(path: Path) -> None:
@@ -280,21 +281,59 @@ def _remove_stale_temporaries(out: Path, parts_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- main entry
-def _discover(root: Path, config: PreprocessConfig, skipped: list[dict] | None):
+def _with_headers(adapter: DatasetAdapter, root: Path, records: list, config: PreprocessConfig,
+                  skipped: list[dict] | None) -> list[tuple[object, tuple[int, int, int]]]:
+    """(record, header shape) of every record whose header reads and whose boxes all fit it. Done before any heavy
+    work, so bad input fails in seconds."""
+    kept = []
+    for record in records:
+        try:
+            shape = adapter.read_header(_resolve(root, record.path), config)
+        except InputDataError as exc:
+            reason = exc.reason
+            if exc.row is None:
+                # The header readers only know the DICOM; the user edits the listing row that names it.
+                reason = f"{reason} (listed in {record.csv}, row {record.row})"
+            _fail_or_skip(skipped, exc.path or _resolve(root, record.path), exc.row, reason)
+            continue
+        problem = _box_problem(record, shape)
+        if problem is not None:
+            box, reason = problem
+            if skipped is None:
+                raise InputDataError(reason, path=box.csv, row=box.row)
+            skipped.append({"path": str(box.csv), "row": box.row, "reason": f"{reason}; image {record.path} left out"})
+            continue
+        kept.append((record, shape))
+    if not kept:
+        raise InputDataError(f"no usable {adapter.unit} found", path=root)
+    return kept
 
-    if config.modality == "dbt":
-        return sources.discover_bcs_dbt(root, file_paths_csv=config.file_paths_csv, labels_csv=config.labels_csv,
-                                        boxes_csv=config.boxes_csv, skipped=skipped)
-    return sources.discover_mammo(root, annotations_csv=config.annotations_csv, manifest_csv=config.manifest_csv,
-                                  skipped=skipped)
+
+def _box_problem(record, shape: tuple[int, int, int]) -> tuple[object, str] | None:
+    """(box, why) for the record's first box that does not fit its image, or None."""
+    for box in record.boxes:
+        reason = sources.check_box_in_image(box, shape[1], shape[2], shape[0])
+        if reason is not None:
+            return box, reason
+    return None
 
 
-def _header(root: Path, record, config: PreprocessConfig) -> tuple[int, int, int]:
-
-    path = _resolve(root, record.path)
-    if config.modality == "dbt":
-        return tuple(int(v) for v in dicom_io.read_dbt_header(path))
-    return dicom_io.read_mammo_header(path, accept_modality=config.accept_modality)
+def _fingerprint(adapter: DatasetAdapter, root: Path, config: PreprocessConfig, kept: list,
+                 skipped: list[dict] | None) -> str:
+    """:func:`input_fingerprint` of everything the kept records and the skip list came from."""
+    listings = {Path(path) for path in adapter.input_files(config)}
+    images: set[Path] = set()
+    for record, _ in kept:
+        listings.add(Path(record.csv))
+        if record.labels_csv is not None:
+            listings.add(Path(record.labels_csv))
+        listings.update(Path(box.csv) for box in record.boxes)
+        images.add(_resolve(root, record.path))
+    for entry in skipped or []:
+        path = Path(entry["path"])
+        # A skipped row names its listing (hashed: small) or, for an unreadable image, the image (stamped only).
+        (listings if path.suffix.lower() == ".csv" or path in listings else images).add(path)
+    return input_fingerprint(root, listings, images)
 
 
 def _fail_or_skip(skipped: list[dict] | None, path, row, reason: str) -> None:
@@ -304,8 +343,6 @@ def _fail_or_skip(skipped: list[dict] | None, path, row, reason: str) -> None:
 
 
 def _cache_is_current(out: Path, config_digest: str, fingerprint: str) -> bool:
-    import h5py
-
     try:
         with h5py.File(out, "r") as handle:
             attrs = handle.attrs
@@ -390,142 +427,137 @@ def preprocess(root: Path, out: Path, config: PreprocessConfig, *, shard: tuple[
     console = console or Console(stderr=True, highlight=False)
     root, out = Path(root), Path(out)
     shard, shard_label = _checked_shard(shard)  # validated before any work
+    adapter = adapter_for(config)  # so is the dataset (known, of this modality)
     if not root.is_dir():
         raise InputDataError("data root is not a folder", path=root)
     if out.exists() and out.is_dir():
         raise InputDataError("output is a folder; give a file name such as dbt.h5", path=out)
-    modality = config.modality
     skipped: list[dict] | None = [] if config.on_error == "skip" else None
-    records = sorted(_discover(root, config, skipped), key=_record_key)
-
-    # Validate every box against its image header before any heavy work: bad input fails in seconds.
-    kept: list[tuple[object, tuple[int, int, int]]] = []
-
-    for record in records:
-        try:
-            shape = _header(root, record, config)
-        except InputDataError as exc:
-            reason = exc.reason
-            if exc.row is None and str(record.csv) not in reason:
-                # The header readers only know the DICOM; the user edits the CSV row that lists it.
-                reason = f"{reason} (listed in {record.csv}, row {record.row})"
-            _fail_or_skip(skipped, exc.path or _resolve(root, record.path), exc.row, reason)
-            continue
-        problem = None
-        for box in record.boxes:
-            reason = sources.check_box_in_image(box, shape[1], shape[2], shape[0])
-            if reason is not None:
-                problem = (box, reason)
-                break
-        if problem is not None:
-            box, reason = problem
-            if skipped is None:
-                raise InputDataError(reason, path=box.csv, row=box.row)
-            skipped.append({"path": str(box.csv), "row": box.row,
-                            "reason": f"{reason}; image {record.path} left out"})
-            continue
-        kept.append((record, shape))
-    if not kept:
-        raise InputDataError(f"no usable {'DBT volumes' if modality == 'dbt' else 'mammograms'} found", path=root)
-
-    csv_files = {path for value in (config.file_paths_csv, config.labels_csv, config.boxes_csv,
-                                    config.annotations_csv, config.manifest_csv) for path in sources.csv_paths(value)}
-    images: set[Path] = set()
-    for record, _ in kept:
-        csv_files.add(Path(record.csv))
-        if record.labels_csv is not None:
-            csv_files.add(Path(record.labels_csv))
-        csv_files.update(Path(box.csv) for box in record.boxes)
-        images.add(_resolve(root, record.path))
-    for entry in skipped or []:
-        path = Path(entry["path"])
-        (csv_files if path.suffix.lower() == ".csv" else images).add(path)
-    fingerprint = input_fingerprint(root, csv_files, images)
-    digest = preprocess_config_hash(config)
+    records = sorted(adapter.discover(root, config, skipped), key=_record_key)
+    kept = _with_headers(adapter, root, records, config, skipped)
+    run = _Run(root, out, config, adapter, preprocess_config_hash(config),
+               _fingerprint(adapter, root, config, kept, skipped), skipped, shard, shard_label, progress, console)
     # A shard keeps the plan positions i with i % N == K - 1; the plan has one entry per kept record, in order.
     positions = list(range(len(kept))) if shard is None else list(range(shard[0] - 1, len(kept), shard[1]))
-    if out.is_file() and _cache_is_current(out, digest, fingerprint) and _stored_shard(out) == shard_label:
+    if out.is_file() and _cache_is_current(out, run.digest, run.fingerprint) and _stored_shard(out) == shard_label:
         return {"out": str(out), "up_to_date": True, "volumes": len(positions), "slices": None, "computed": 0,
                 "reused": 0, "skipped": sorted(skipped or [], key=_skip_key), "seconds": time.perf_counter() - started,
                 "shard": shard_label}
+    plan = _plan(kept, adapter, root, config)
+    report = _build(run, [plan[i] for i in positions], positions, len(plan))
+    report["seconds"] = time.perf_counter() - started
+    return report
 
-    # Patient-level split (dataset splits respected when configured).
+
+@dataclass
+class _Run:
+    """What the steps that write the cache need to know of one :func:`preprocess` call."""
+
+    root: Path
+    out: Path
+    config: PreprocessConfig
+    adapter: DatasetAdapter
+    digest: str  # preprocess_config_hash
+    fingerprint: str  # input_fingerprint
+    skipped: list[dict] | None  # None: fail at the first bad input
+    shard: tuple[int, int] | None
+    shard_label: str | None
+    progress: bool
+    console: object
+
+
+def _plan(kept: list, adapter: DatasetAdapter, root: Path, config: PreprocessConfig) -> list[_Planned]:
+    """Split the patients (dataset splits respected when configured) and choose what each image stores."""
     dataset_splits: dict[str, str | None] = {}
-    for record, _ in kept:
-        dataset_splits[record.patient_id] = merge_dataset_split(dataset_splits.get(record.patient_id), record.split)
     has_lesion: dict[str, bool] = {}
     for record, _ in kept:
+        dataset_splits[record.patient_id] = merge_dataset_split(dataset_splits.get(record.patient_id), record.split)
         has_lesion[record.patient_id] = has_lesion.get(record.patient_id, False) or bool(record.boxes)
     split_of = assign_splits(dataset_splits.keys(), config.split, dataset_splits, has_lesion)
-
-    offset = config.lesion_slice_offset if modality == "dbt" else 0
+    offset = config.lesion_slice_offset if adapter.volumes else 0
     plan: list[_Planned] = []
     for record, shape in kept:
         ordered = sorted(record.boxes, key=lambda b: (int(b.slice), float(b.x), float(b.y), float(b.width),
                                                       float(b.height), str(b.cls)))
         lesions = [(int(b.slice), float(b.x), float(b.y), float(b.width), float(b.height)) for b in ordered]
-        classes = [str(b.cls) for b in ordered]
         split = split_of[record.patient_id]
-        if modality == "mammo" or split != "train":
+        # Evaluation reads whole volumes; training only lesion (and a few normal) slices. A 2-D image is whole.
+        if not adapter.volumes or split != "train":
             stored = None
         else:
             stored = _training_slices(record, shape[0], lesions, offset, config.normal_slices_per_volume,
                                       config.split.seed)
-        plan.append(_Planned(record, split, shape, lesions, classes, stored,
+        plan.append(_Planned(record, split, shape, lesions, [str(b.cls) for b in ordered], stored,
                              source=str(getattr(record, "source", "") or _relative(root, _resolve(root, record.path)))))
-    plan_size = len(plan)
-    plan = [plan[i] for i in positions]
+    return plan
 
+
+def _build(run: _Run, plan: list[_Planned], positions: list[int], plan_size: int) -> dict:
+    """Write the cache of ``plan`` while holding OUT's lock. After a failure the finished work files stay for the
+    rerun; a work folder (and output folders this run made) with nothing in it goes."""
+    out = run.out
     parts_root = Path(f"{out}.parts")
-    parts_dir = parts_root / digest
+    parts_dir = parts_root / run.digest
     created = [folder for folder in (out.parent, *out.parent.parents) if not folder.exists()]
     report = {"out": str(out), "up_to_date": False, "volumes": 0, "slices": 0, "computed": 0, "reused": 0,
-              "shard": shard_label}
+              "shard": run.shard_label}
     with _exclusive(parts_root):
         try:
             _remove_stale_temporaries(out, parts_dir)
             parts_dir.mkdir(parents=True, exist_ok=True)
-            for index, planned in enumerate(plan):
-                planned.task = VolumeTask(index, modality, _resolve(root, planned.record.path), planned.record.view,
-                                          Path(planned.record.csv), int(planned.record.row), planned.slices,
-                                          planned.shape, config.image_height, config.image_width,
-                                          parts_dir / _part_name(planned, root, config.image_height, config.image_width),
-                                          config.compression_level, config.decoder, tuple(config.accept_modality))
-            with atomic_path(out) as temporary:
-                settings = {"modality": modality, "image_height": config.image_height,
-                            "image_width": config.image_width, "config_json": config_json(config),
-                            "config_hash": digest, "source_root": str(root.resolve()),
-                            "compression_level": config.compression_level}
-                writer = (CacheWriter(temporary, **settings) if shard is None
-                          else _ShardWriter(temporary, plan=plan, positions=positions, **settings))
-                try:
-                    with _previous_slices(out, digest, root) as previous:
-                        worker_skipped = _run_and_write(plan, writer, config, report, progress, console, skipped,
-                                                        previous)
-                    all_skipped = sorted((skipped or []) + worker_skipped, key=_skip_key)
-                    if report["volumes"] == 0 and shard is None:  # a shard may hold nothing: merge joins it
-                        raise InputDataError("every input was skipped; nothing to cache", path=root)
-                    writer.set_skipped(all_skipped)
-                    writer.file.attrs[FINGERPRINT_ATTR] = fingerprint
-                    if shard is not None:
-                        writer.write_shard(shard_label, plan_size)
-                    writer.close()
-                except BaseException:
-                    writer.abort()
-                    raise
+            _make_tasks(run, plan, parts_dir)
+            report["skipped"] = _write(run, plan, positions, plan_size, report)
             shutil.rmtree(parts_root, ignore_errors=True)
         except BaseException:
-            # Finished parts stay for the rerun; a work folder with nothing in it is just clutter.
             if not any(parts_root.glob(f"*/*{PART_SUFFIX}")):
                 shutil.rmtree(parts_root, ignore_errors=True)
-                # Output folders this run created stay only if they hold something (no empty leftovers).
                 for folder in created:
                     with contextlib.suppress(OSError):
                         folder.rmdir()
             raise
-    report["skipped"] = all_skipped
-    report["seconds"] = time.perf_counter() - started
     return report
+
+
+def _make_tasks(run: _Run, plan: list[_Planned], parts_dir: Path) -> None:
+    """Each planned image's work, small enough to pickle to a worker, with the name of its work file."""
+    config = run.config
+    for index, planned in enumerate(plan):
+        record = planned.record
+        planned.task = VolumeTask(index, config.modality, _resolve(run.root, record.path), record.view,
+                                  Path(record.csv), int(record.row), planned.slices, planned.shape,
+                                  config.image_height, config.image_width,
+                                  parts_dir / _part_name(planned, run.root, config.image_height, config.image_width),
+                                  config.compression_level, config.decoder, tuple(config.accept_modality),
+                                  run.adapter.name)
+
+
+def _write(run: _Run, plan: list[_Planned], positions: list[int], plan_size: int, report: dict) -> list[dict]:
+    """Fill a temporary cache from the work files (or OUT's previous content) and rename it to OUT; returns the
+    skip list it records."""
+    config = run.config
+    with atomic_path(run.out) as temporary:
+        settings = {"modality": config.modality, "image_height": config.image_height,
+                    "image_width": config.image_width, "config_json": config_json(config),
+                    "config_hash": run.digest, "source_root": str(run.root.resolve()),
+                    "compression_level": config.compression_level}
+        writer = (CacheWriter(temporary, **settings) if run.shard is None
+                  else _ShardWriter(temporary, plan=plan, positions=positions, **settings))
+        try:
+            with _previous_slices(run.out, run.digest, run.root) as previous:
+                worker_skipped = _run_and_write(plan, writer, config, run.adapter, report, run.progress, run.console,
+                                                run.skipped, previous)
+            all_skipped = sorted((run.skipped or []) + worker_skipped, key=_skip_key)
+            if report["volumes"] == 0 and run.shard is None:  # a shard may hold nothing: merge joins it
+                raise InputDataError("every input was skipped; nothing to cache", path=run.root)
+            writer.set_skipped(all_skipped)
+            writer.file.attrs[FINGERPRINT_ATTR] = run.fingerprint
+            if run.shard is not None:
+                writer.write_shard(run.shard_label, plan_size)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+    return all_skipped
 
 
 def _checked_shard(shard: tuple[int, int] | None) -> tuple[tuple[int, int] | None, str | None]:
@@ -627,8 +659,9 @@ def work_key(task: VolumeTask) -> str:
     return task.part.name.removesuffix(PART_SUFFIX)
 
 
-def _run_and_write(plan: list[_Planned], writer: CacheWriter, config: PreprocessConfig, report: dict,
-                   progress: bool, console, skipped: list[dict] | None, previous: dict[str, dict]) -> list[dict]:
+def _run_and_write(plan: list[_Planned], writer: CacheWriter, config: PreprocessConfig, adapter: DatasetAdapter,
+                   report: dict, progress: bool, console, skipped: list[dict] | None,
+                   previous: dict[str, dict]) -> list[dict]:
     """Decode what is neither in the parts folder nor in the previous cache (in workers), then write every volume
     in plan order."""
     results: dict[int, dict] = {}
@@ -643,7 +676,6 @@ def _run_and_write(plan: list[_Planned], writer: CacheWriter, config: Preprocess
     report["reused"] = len(plan) - len(pending)
     report["computed"] = len(pending)
     worker_skipped: list[dict] = []
-    label = "DBT volumes" if config.modality == "dbt" else "mammograms"
     next_to_write = 0
 
     def write_ready() -> None:
@@ -653,7 +685,7 @@ def _run_and_write(plan: list[_Planned], writer: CacheWriter, config: Preprocess
             outcome = results.pop(next_to_write)
             next_to_write += 1
             if "previous" in outcome:
-                _write_volume(planned, previous[outcome["previous"]], writer, config, report)
+                _write_volume(planned, previous[outcome["previous"]], writer, config, adapter, report)
                 continue
             data = _load_part(Path(outcome["part"])) if "part" in outcome else None
             if "part" in outcome and data is None:  # torn by a crash or a disk error: redo it here
@@ -668,12 +700,12 @@ def _run_and_write(plan: list[_Planned], writer: CacheWriter, config: Preprocess
                 worker_skipped.append(error)
                 continue
             try:
-                _write_volume(planned, data, writer, config, report)
+                _write_volume(planned, data, writer, config, adapter, report)
             finally:
                 data["handle"].close()
 
     with _progress(progress, console) as bar:
-        task_id = bar.add_task(f"preprocess {label}", total=len(plan), completed=report["reused"])
+        task_id = bar.add_task(f"preprocess {adapter.unit}", total=len(plan), completed=report["reused"])
         workers = _worker_count(config, pending)
         if workers <= 1 or len(pending) <= 1:
             for task in pending:
@@ -699,13 +731,14 @@ def _run_and_write(plan: list[_Planned], writer: CacheWriter, config: Preprocess
     return worker_skipped
 
 
-def _write_volume(planned: _Planned, data: dict, writer: CacheWriter, config: PreprocessConfig, report: dict) -> None:
+def _write_volume(planned: _Planned, data: dict, writer: CacheWriter, config: PreprocessConfig,
+                  adapter: DatasetAdapter, report: dict) -> None:
     record = planned.record
     num_slices, rows, cols = planned.shape
     scale_y, scale_x = config.image_height / rows, config.image_width / cols
     stored = [int(i) for i in data["slice_indices"]]
-    offset = config.lesion_slice_offset if config.modality == "dbt" else 0
-    boxes, lesion_ids = slice_boxes(planned.lesions, stored, scale_y, scale_x, offset, config.modality)
+    offset = config.lesion_slice_offset if adapter.volumes else 0
+    boxes, lesion_ids = slice_boxes(planned.lesions, stored, scale_y, scale_x, offset, adapter.modality)
     volume = VolumeRecord(
         patient_id=str(record.patient_id), study_uid=str(record.study_uid), view=str(record.view),
         split=planned.split, source=planned.source,

@@ -1,6 +1,6 @@
 """``comoto synth``: a deterministic synthetic dataset in the real BCS-DBT and VinDr-Mammo layouts.
 
-Layout written under OUT (DESIGN.md sections 1 and 5)::
+Layout written under OUT (docs/design.md sections 6 and 7)::
 
     OUT/dbt/Breast-Cancer-Screening-DBT/DBT-P00001/01-01-2000-DBT-S00001-.../<series>/1-1.dcm
     OUT/dbt/BCS-DBT-file-paths-train-v2.csv   PatientID, StudyUID, View, descriptive_path, classic_path
@@ -34,6 +34,12 @@ from typing import Any
 import numpy as np
 
 from comoto_cli.config import SynthConfig
+from comoto_cli.data.tables import BCS_DBT_BOXES_COLUMNS as BOXES_COLUMNS
+from comoto_cli.data.tables import BCS_DBT_FILE_PATHS_COLUMNS as FILE_PATHS_COLUMNS
+from comoto_cli.data.tables import BCS_DBT_LABELS_COLUMNS as LABELS_COLUMNS
+from comoto_cli.data.tables import DBT_VIEWS
+from comoto_cli.data.tables import VINDR_BREAST_COLUMNS as BREAST_COLUMNS
+from comoto_cli.data.tables import VINDR_FINDING_COLUMNS as FINDING_COLUMNS
 from comoto_cli.errors import ComotoError, UsageError
 from comoto_cli.synth.phantom import DbtParams, dbt_volume, mammogram
 from comoto_cli.synth.writer import synth_uid, write_dbt_dicom, write_mammo_dicom
@@ -42,57 +48,10 @@ from comoto_cli.utils.csvio import write_csv_atomic
 
 __all__ = ["DBT_VIEWS", "PRESETS", "Preset", "generate_dataset"]
 
-DBT_VIEWS = ("lcc", "lmlo", "rcc", "rmlo")
 DBT_COLLECTION = "Breast-Cancer-Screening-DBT"
 FILE_PATHS_CSV = "BCS-DBT-file-paths-train-v2.csv"
 LABELS_CSV = "BCS-DBT-labels-train-v2.csv"
 BOXES_CSV = "BCS-DBT-boxes-train-v2.csv"
-FILE_PATHS_COLUMNS = ["PatientID", "StudyUID", "View", "descriptive_path", "classic_path"]
-LABELS_COLUMNS = ["PatientID", "StudyUID", "View", "Normal", "Actionable", "Benign", "Cancer"]
-BOXES_COLUMNS = [
-    "PatientID",
-    "StudyUID",
-    "View",
-    "Subject",
-    "Slice",
-    "X",
-    "Y",
-    "Width",
-    "Height",
-    "Class",
-    "AD",
-    "VolumeSlices",
-]
-FINDING_COLUMNS = [
-    "study_id",
-    "series_id",
-    "image_id",
-    "laterality",
-    "view_position",
-    "height",
-    "width",
-    "breast_birads",
-    "breast_density",
-    "finding_categories",
-    "finding_birads",
-    "xmin",
-    "ymin",
-    "xmax",
-    "ymax",
-    "split",
-]
-BREAST_COLUMNS = [
-    "study_id",
-    "series_id",
-    "image_id",
-    "laterality",
-    "view_position",
-    "height",
-    "width",
-    "breast_birads",
-    "breast_density",
-    "split",
-]
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Breast phantoms for ``comoto synth``: cheap numpy models of DBT volumes and mammograms (DESIGN.md 5).
+"""Breast phantoms for ``comoto synth``: cheap numpy models of DBT volumes and mammograms (docs/design.md section 7).
 
 The model, in the order it is built:
 

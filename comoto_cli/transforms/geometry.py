@@ -35,12 +35,6 @@ def cache_to_official(boxes_xyxy: np.ndarray, scale_y: float, scale_x: float) ->
     return xyxy_to_xywh(boxes / np.array([scale_x, scale_y, scale_x, scale_y]))
 
 
-def rotate_boxes_180(boxes_xyxy: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Boxes under the official reader's flip (both in-plane axes, a 180-degree rotation); self-inverse."""
-    boxes = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
-    return np.stack([width - boxes[:, 2], height - boxes[:, 3], width - boxes[:, 0], height - boxes[:, 1]], axis=1)
-
-
 def hflip_boxes(boxes_xyxy: np.ndarray, width: int) -> np.ndarray:
     """Boxes under a left-right mirror of an image ``width`` pixels wide (augmentation)."""
     boxes = np.asarray(boxes_xyxy).reshape(-1, 4)

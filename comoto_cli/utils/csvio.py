@@ -1,6 +1,7 @@
 """CSV tables as plain column dictionaries (no pandas), with row-precise error messages.
 
-Row numbers in errors are file line numbers as a spreadsheet shows them: the header is row 1.
+Row numbers in errors are file line numbers as a spreadsheet shows them: the header is row 1. Which columns each
+table the CLI reads or writes has, and what they mean, is defined in :mod:`comoto_cli.data.tables`.
 """
 
 from __future__ import annotations
