@@ -162,13 +162,18 @@ class PreprocessConfig(StrictModel):
 
 
 # ---------------------------------------------------------------------------------------------- model
-Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101"]
-
-
 class ModelConfig(StrictModel):
     """2D RetinaNet (MONAI) with a ResNet-FPN backbone and one input channel; 2 classes (background, lesion)."""
 
-    backbone: Backbone = "resnet50"
+    # The backbones' names. Their registry, comoto_cli.networks.backbones, adds each name here as it registers it:
+    # it lives with the networks (a backbone builds modules), a layer above this module, which cannot import it.
+    # The built-in names are valid from the start, so that a config is read and checked as before the registry
+    # without the networks imported (library use, tests); a plug-in's name needs its module imported first.
+    backbone_names: ClassVar[list[str]] = ["resnet18", "resnet34", "resnet50", "resnet101"]
+
+    backbone: str = Field(
+        "resnet50", description="feature extractor, a registered one (built in: resnet18, resnet34, resnet50, "
+        "resnet101): `comoto train-teacher --help` lists them")
     width: list[int] = Field(
         [64, 128, 256, 512], min_length=4, max_length=4, description="ResNet stage widths (tiny models: 8,16,32,64)"
     )
@@ -199,6 +204,13 @@ class ModelConfig(StrictModel):
         if any(layer not in (1, 2, 3, 4) for layer in layers) or sorted(set(layers)) != layers:
             raise ValueError("returned_layers must be increasing values in 1..4")
         return layers
+
+    @field_validator("backbone")
+    @classmethod
+    def _registered_backbone(cls, name: str) -> str:
+        if name not in cls.backbone_names:
+            raise ValueError(f"unknown backbone {name!r}; registered: {', '.join(cls.backbone_names)}")
+        return name
 
 
 class OptimConfig(StrictModel):
@@ -278,8 +290,9 @@ class DistillConfig(TrainConfig):
     """`comoto distill`: the DBT student with LsKD or a baseline."""
 
     # The distillation modes' names. Their registry, comoto_cli.engine.modes, adds each name here as it registers it:
-    # it lives with the engine (a mode builds losses), a layer above this module, which cannot import it.
-    mode_names: ClassVar[list[str]] = []
+    # it lives with the engine (a mode builds losses), a layer above this module, which cannot import it. The
+    # built-in names are valid from the start, as for ModelConfig.backbone_names.
+    mode_names: ClassVar[list[str]] = ["lesion", "image", "pretrain", "none"]
 
     cache: Path | None = Field(None, description="DBT slice cache made by `comoto preprocess dbt`")
     teacher: Path | None = Field(None, description="teacher checkpoint (best.pt of train-teacher)")
@@ -297,7 +310,7 @@ class DistillConfig(TrainConfig):
         """``name`` if a mode of that name is registered, else a ValueError listing the registered ones."""
         if name not in cls.mode_names:
             raise ValueError(f"unknown distillation mode {name!r}; registered: "
-                             f"{', '.join(cls.mode_names) or 'none (import comoto_cli.engine.modes)'}")
+                             f"{', '.join(cls.mode_names)}")
         return name
 
     @field_validator("mode")
@@ -343,13 +356,26 @@ class EvaluateConfig(StrictModel):
 
 
 class PredictConfig(StrictModel):
+    # The output formats' names. Their registry, comoto_cli.inference.formats, adds each name here as it registers
+    # it (a layer above this module, which cannot import it); the built-in ones are valid from the start, as for
+    # ModelConfig.backbone_names.
+    format_names: ClassVar[list[str]] = ["csv", "json"]
+
     checkpoint: Path | None = None
     inputs: list[Path] = Field(default_factory=list)
     out: Path | None = None
-    format: Literal["csv", "json"] = "csv"
+    format: str = Field("csv", description="output file format, a registered one (built in: csv, json): "
+                        "`comoto predict --help` lists them")
     overlays: Path | None = None
     inference: InferenceConfig = InferenceConfig()
     accept_modality: AcceptModality = Field([], description=_ACCEPT_HELP)
+
+    @field_validator("format")
+    @classmethod
+    def _registered_format(cls, name: str) -> str:
+        if name not in cls.format_names:
+            raise ValueError(f"unknown output format {name!r}; registered: {', '.join(cls.format_names)}")
+        return name
 
 
 class ExperimentConfig(StrictModel):

@@ -120,6 +120,17 @@ def build_tiny_cache(path: Path, *, height: int = 64, width: int = 64, train: in
     return Path(path)
 
 
+# xyxy boxes for the NMS tests (tests/test_networks.py, tests/test_volume_inference.py).
+def random_boxes(rng, count: int, quantise: bool) -> np.ndarray:
+    """``count`` random boxes, (count, 4) float32; ``quantise`` snaps them to an 8-pixel grid."""
+    corner = rng.uniform(0, 200, (count, 2))
+    boxes = np.concatenate([corner, corner + rng.uniform(1, 60, (count, 2))], axis=1).astype(np.float32)
+    if quantise:  # many identical boxes and exact IoU ties
+        boxes = np.round(boxes / 8) * 8
+        boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2] + 8)
+    return boxes
+
+
 # ---------------------------------------------------------------------------------------------- fake dataset
 # The preprocess pipeline in-process on numpy volumes behind fake readers (test_preprocess, test_shards).
 def _fake_dataset(root: Path, patients: int = 6, slices: int = 9, rows: int = 60, cols: int = 44,

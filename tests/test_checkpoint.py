@@ -170,6 +170,24 @@ def test_missing_corrupt_and_foreign_files(tmp_path):
         load_checkpoint(foreign)
 
 
+def test_a_checkpoint_names_its_backbone(tmp_path):
+    """The backbone is stored by name and rebuilt from the registry; a checkpoint whose backbone is not registered
+    in this process (a plug-in not imported) says so."""
+    config = tiny_config(backbone="resnet34")
+    path = tmp_path / "best.pt"
+    state = build_detector(config, SIZE).state_dict()
+    save_checkpoint(path, model_state=state, model_config=config, image_size=SIZE, metadata={})
+    detector, checkpoint = load_detector(path)
+    assert checkpoint["model_config"].backbone == "resnet34" and '"backbone":"resnet34"' in checkpoint["model_config_json"]
+    assert all(torch.equal(value, state[key]) for key, value in detector.state_dict().items())
+    payload = torch.load(path, weights_only=True)
+    payload["model_config"] = payload["model_config"].replace('"resnet34"', '"my-plugin-net"')
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=r"not a valid model configuration \(backbone: Value error, unknown "
+                                              r"backbone 'my-plugin-net'; registered: resnet18, resnet34"):
+        load_checkpoint(path)
+
+
 def test_state_dict_mismatch(tmp_path):
     config = tiny_config()
     state = build_detector(config, SIZE).state_dict()

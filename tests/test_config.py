@@ -9,7 +9,15 @@ import pytest
 
 from comoto_cli.cli import main
 from comoto_cli.commands.config_cmd import schema_files
-from comoto_cli.config import COMMAND_MODELS, DistillConfig, ExperimentConfig, TeacherConfig, config_hash, load_config
+from comoto_cli.config import (
+    COMMAND_MODELS,
+    DistillConfig,
+    ExperimentConfig,
+    PredictConfig,
+    TeacherConfig,
+    config_hash,
+    load_config,
+)
 from comoto_cli.errors import UsageError
 
 SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schemas"
@@ -60,6 +68,9 @@ def test_invalid_values_name_the_field(tmp_path, payload, fragment):
                                            "image, pretrain, none"),
         (ExperimentConfig, {"methods": ["none", "magic+impa"]}, "methods: Value error, unknown distillation mode 'magic'"),
         (ExperimentConfig, {"synth": None, "mammo_root": "m"}, "dbt_root: Value error, required when synth is null"),
+        (TeacherConfig, {"model": {"backbone": "vgg16"}}, "model.backbone: Value error, unknown backbone 'vgg16'; "
+                                                          "registered: resnet18, resnet34, resnet50, resnet101"),
+        (PredictConfig, {"format": "xml"}, "format: Value error, unknown output format 'xml'; registered: csv, json"),
     ],
 )
 def test_names_checked_in_the_models(tmp_path, model, payload, fragment):

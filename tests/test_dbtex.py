@@ -25,6 +25,7 @@ from comoto_cli.metrics.dbtex import (
     METRIC_KEYS,
     DbtexTables,
     bootstrap_mean_sensitivity,
+    dbtex_metrics,
     froc_points,
     read_dbtex_csvs,
     score_dbtex,
@@ -426,6 +427,8 @@ def test_read_csvs_and_score(tmp_path):
     assert tables.boxes["VolumeSlices"].tolist() == [40.0, 20.0]
     assert tables.labels["Cancer"].tolist() == [1, 0, 0]
     assert_same(score_dbtex(tables), reference_score(tables))
+    # The registered ``dbtex`` family: the same numbers from the predictions table and (boxes, labels).
+    assert dbtex_metrics(tables.predictions, (tables.boxes, tables.labels)) == score_dbtex(tables)
 
 
 def test_tables_built_from_arrays_are_the_tables_read_from_csv(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from comoto_cli.metrics.image_froc import image_froc
+from comoto_cli.metrics.image_froc import FROC_KEYS, froc_metrics, image_froc
 
 
 def loop_image_froc(predictions, ground_truth, fps_per_image=(1, 2, 3, 4)):
@@ -74,6 +74,16 @@ def test_no_ground_truth_gives_nan_and_no_predictions_gives_zero():
     assert math.isnan(result["mean_sensitivity"]) and result["fps"].size == 0
     result = image_froc([_image(np.zeros((0, 4)), [])], [np.array([[0, 0, 5, 5]])])
     assert result["mean_sensitivity"] == 0.0
+
+
+def test_froc_metrics_are_the_validation_keys_with_nan_as_none():
+    """The registered ``froc`` family: image_froc at 1-4 FP per image, undefined (no GT box) logged as None."""
+    gt = [np.array([[10, 10, 50, 50]]), np.zeros((0, 4))]
+    preds = [_image([[20, 20, 40, 40]], [0.9]), _image([[0, 0, 5, 5]], [0.5])]
+    metrics = froc_metrics(preds, gt)
+    assert tuple(metrics) == FROC_KEYS
+    assert metrics == {key: image_froc(preds, gt)[key] for key in FROC_KEYS}
+    assert froc_metrics([preds[1]], [gt[1]]) == dict.fromkeys(FROC_KEYS)
 
 
 def test_mismatched_lengths_are_errors():

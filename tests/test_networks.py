@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import sys
+from collections import OrderedDict
 
 import numpy as np
 import pytest
 import torch
 
-from comoto_cli.config import ModelConfig
+from comoto_cli.config import ModelConfig, TeacherConfig, load_config
 from comoto_cli.errors import CheckpointError, UsageError
+from comoto_cli.networks import backbones
 from comoto_cli.networks.backbone import ResNetFPNBackbone
+from comoto_cli.networks.backbones import backbones_help, register_backbone, registered_backbones
 from comoto_cli.networks.box_nms import greedy_nms
+from comoto_cli.networks.checkpoint import load_detector, save_checkpoint
 from comoto_cli.networks.detector import build_detector, monai_detections
-from tests.conftest import tiny_model_config
+from tests.conftest import random_boxes, tiny_model_config
 
 HEIGHT, WIDTH = 128, 64
 
@@ -141,15 +145,6 @@ def test_build_validation_errors():
 
 
 # ---------------------------------------------------------------------------------------------- prediction
-def random_boxes(rng, count: int, quantise: bool) -> np.ndarray:
-    corner = rng.uniform(0, 200, (count, 2))
-    boxes = np.concatenate([corner, corner + rng.uniform(1, 60, (count, 2))], axis=1).astype(np.float32)
-    if quantise:  # many identical boxes and exact IoU ties
-        boxes = np.round(boxes / 8) * 8
-        boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2] + 8)
-    return boxes
-
-
 def test_greedy_nms_equals_monai_nms():
     from monai.data.box_utils import non_max_suppression
 
@@ -237,3 +232,92 @@ def test_every_parameter_is_used(distill_feature):
     assert unused == []
     has_layer4 = any(".body.layer4." in name for name, _ in detector.named_parameters())
     assert has_layer4 == (distill_feature == "backbone")
+
+
+# ---------------------------------------------------------------------------------------------- plug-in backbones
+class TinyConvBackbone(torch.nn.Module):
+    """A plug-in backbone, the whole pattern: a module with the FeatureExtractor interface
+    (comoto_cli.networks.backbones) and its registration (the ``tiny_backbone`` fixture). Two strided convolutions
+    give two levels, strides 4 and 8; the coarser one is also the distillation map."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        channels = config.fpn_channels
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(1, channels, 3, stride=4, padding=1), torch.nn.ReLU())
+        self.down = torch.nn.Sequential(torch.nn.Conv2d(channels, channels, 3, stride=2, padding=1), torch.nn.ReLU())
+        self.out_channels = self.distill_channels = channels
+        self.level_strides = [4, 8]
+        self.distill_stride = 8
+
+    def forward_with_distill(self, images):
+        fine = self.stem(images)
+        coarse = self.down(fine)
+        return OrderedDict(fpn0=fine, fpn1=coarse), coarse
+
+    def forward(self, images):
+        return self.forward_with_distill(images)[0]
+
+    def distill_only(self, images):
+        return self.forward_with_distill(images)[1]
+
+
+@pytest.fixture
+def tiny_backbone():
+    """``tiny-cnn`` registered for one test (registries are process-wide: it is removed afterwards)."""
+    register_backbone("tiny-cnn", TinyConvBackbone)
+    yield "tiny-cnn"
+    backbones._BACKBONES.pop("tiny-cnn")
+    ModelConfig.backbone_names.remove("tiny-cnn")
+
+
+def test_a_registered_backbone_trains_predicts_and_round_trips(tiny_backbone, tmp_path):
+    config = load_config(TeacherConfig, overrides={"model.backbone": tiny_backbone, "model.fpn_channels": 16,
+                                                   "model.anchor_base_sizes": [16.0, 16.0]}).model
+    assert tiny_backbone in backbones_help()
+    torch.manual_seed(0)
+    detector = build_detector(config, (HEIGHT, WIDTH))
+    assert isinstance(detector.backbone, TinyConvBackbone) and detector.size_divisible == 8
+    images, targets = lesion_batch()
+    optimizer = torch.optim.SGD(detector.parameters(), lr=0.01)
+    losses, features = detector.forward_train(images, targets)
+    assert features.shape == (2, 16, HEIGHT // 8, WIDTH // 8) and detector.feature_channels == 16
+    (losses["classification"] + losses["box_regression"] + features.mean()).backward()
+    assert detector.backbone.stem[0].weight.grad.abs().sum() > 0
+    optimizer.step()
+    predictions = detector.predict(images)
+    assert len(predictions) == 2 and predictions[0]["boxes"].shape[1] == 4
+    assert detector.distill_features(images).shape == features.shape
+
+    # The checkpoint stores the name; it loads wherever the backbone is registered.
+    path = tmp_path / "best.pt"
+    save_checkpoint(path, model_state=detector.state_dict(), model_config=config, image_size=(HEIGHT, WIDTH),
+                    metadata={})
+    loaded, _ = load_detector(path)
+    assert isinstance(loaded.backbone, TinyConvBackbone)
+    again = loaded.predict(images)
+    assert all(torch.equal(a["scores"], b["scores"]) for a, b in zip(predictions, again, strict=True))
+    with pytest.raises(UsageError, match="backbone 'tiny-cnn' does not load weights files"):
+        build_detector(config.model_copy(update={"weights": path}), (HEIGHT, WIDTH))
+
+
+def test_backbone_names_are_checked(tiny_backbone):
+    # The config knows the built-in names before the registry is imported; each of them has a builder.
+    assert ModelConfig.backbone_names == registered_backbones() == ["resnet18", "resnet34", "resnet50", "resnet101",
+                                                                   tiny_backbone]
+    with pytest.raises(UsageError, match=r"model\.backbone: Value error, unknown backbone 'vgg16'; registered: "
+                                         r"resnet18, resnet34, resnet50, resnet101, tiny-cnn"):
+        load_config(TeacherConfig, overrides={"model.backbone": "vgg16"})
+    with pytest.raises(ValueError, match="already registered"):
+        register_backbone("resnet18", TinyConvBackbone)
+    with pytest.raises(ValueError, match="lower-case"):
+        register_backbone("Tiny CNN", TinyConvBackbone)
+
+
+def test_a_builder_without_the_interface_is_named():
+    register_backbone("not-a-backbone", lambda config: torch.nn.Linear(2, 2))
+    try:
+        with pytest.raises(TypeError, match="'not-a-backbone'.*without out_channels, distill_channels"):
+            build_detector(tiny_config(backbone="not-a-backbone"), (64, 64))
+    finally:
+        backbones._BACKBONES.pop("not-a-backbone")
+        ModelConfig.backbone_names.remove("not-a-backbone")

@@ -15,8 +15,10 @@ import pytest
 import torch
 
 from comoto_cli.cache.h5cache import CacheWriter, VolumeRecord
-from comoto_cli.config import EvaluateConfig, InferenceConfig, ModelConfig
+from comoto_cli.config import EvaluateConfig, InferenceConfig, ModelConfig, PredictConfig
 from comoto_cli.errors import CheckpointError
+from comoto_cli.inference import formats
+from comoto_cli.inference.formats import formats_help, register_format, write_output
 from comoto_cli.inference.volume import DBTEX_COLUMNS
 from comoto_cli.transforms.resize import resize_area
 from comoto_cli.utils.csvio import read_csv
@@ -269,6 +271,46 @@ def test_unreadable_input_is_one_clear_line(checkpoint, tmp_path, capsys):
     assert not out.exists()
     assert run_cli(["predict", "--checkpoint", str(checkpoint), str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert "input not found" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- output formats
+RECORDS = [{"PatientID": "P1", "StudyUID": "S1", "View": "lcc", "X": 1.5, "Width": 2.0, "Y": 3.0, "Height": 4.25, "Z": 5,
+            "Depth": 2, "Score": 0.75, "path": "/in/a, b.dcm"}]
+
+
+def test_output_formats_are_registered_writers(tmp_path):
+    """csv and json exactly as before the registry; a new format is a writer plus its registration, and every
+    format is written atomically (a failing writer leaves the old file and no temporary file)."""
+    write_output(tmp_path / "p.csv", RECORDS, "csv")
+    assert (tmp_path / "p.csv").read_bytes() == (
+        b"PatientID,StudyUID,View,X,Width,Y,Height,Z,Depth,Score,path\r\n"
+        b'P1,S1,lcc,1.5,2.0,3.0,4.25,5,2,0.75,"/in/a, b.dcm"\r\n')
+    write_output(tmp_path / "p.json", RECORDS, "json")
+    assert (tmp_path / "p.json").read_text() == json.dumps(RECORDS, indent=2) + "\n"
+
+    def write_tsv(path, records):
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.writelines("\t".join(str(value) for value in record.values()) + "\n" for record in records)
+
+    def broken(path, records):
+        path.write_text("half")
+        raise RuntimeError("writer failed")
+
+    # The config knows the built-in names before the registry is imported; each of them has a writer.
+    assert [f.name for f in formats.registered_formats()] == PredictConfig.format_names == ["csv", "json"]
+    register_format("tsv", write_tsv, description="tab-separated, no header")
+    register_format("broken", broken)
+    try:
+        assert PredictConfig(format="tsv").format == "tsv" and "tsv = tab-separated" in formats_help()
+        write_output(tmp_path / "p.tsv", RECORDS, "tsv")
+        assert (tmp_path / "p.tsv").read_text().startswith("P1\tS1\tlcc\t1.5\t")
+        with pytest.raises(RuntimeError, match="writer failed"):
+            write_output(tmp_path / "p.tsv", RECORDS, "broken")
+        assert (tmp_path / "p.tsv").read_text().startswith("P1\t") and not list(tmp_path.glob(".*.tmp"))
+    finally:
+        for name in ("tsv", "broken"):
+            formats._FORMATS.pop(name)
+            PredictConfig.format_names.remove(name)
 
 
 # ---------------------------------------------------------------------------------------------- evaluate

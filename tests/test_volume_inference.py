@@ -18,7 +18,7 @@ from comoto_cli.inference.volume import (
     top_volume_nms,
     volume_predictions,
 )
-from tests.conftest import tiny_model_config
+from tests.conftest import random_boxes, tiny_model_config
 
 HEIGHT, WIDTH = 64, 32
 
@@ -124,15 +124,6 @@ def test_max_boxes_per_volume_keeps_the_best():
 
 
 # ---------------------------------------------------------------------------------------------- volume NMS
-def random_boxes(rng, count: int, quantise: bool) -> np.ndarray:
-    corner = rng.uniform(0, 200, (count, 2))
-    boxes = np.concatenate([corner, corner + rng.uniform(1, 60, (count, 2))], axis=1).astype(np.float32)
-    if quantise:  # many identical boxes and exact IoU ties
-        boxes = np.round(boxes / 8) * 8
-        boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2] + 8)
-    return boxes
-
-
 def test_top_volume_nms_equals_volume_nms_on_everything():
     from comoto_cli.inference.volume_nms import volume_nms
 

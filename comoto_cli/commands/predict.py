@@ -9,6 +9,7 @@ import typer
 
 from comoto_cli.commands.common import CONFIG_OPTION_HELP, console, resolve_config
 from comoto_cli.config import PredictConfig
+from comoto_cli.inference.formats import formats_help  # no torch: the help stays fast
 
 
 def predict(
@@ -18,9 +19,9 @@ def predict(
     checkpoint: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         "--checkpoint", help="Trained checkpoint (best.pt of train-teacher or distill).", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option(  # noqa: UP045
-        "--out", help="Output file: DBTex CSV columns then 'path', or JSON records.", show_default=False)] = None,
+        "--out", help="Output file, in --format.", show_default=False)] = None,
     fmt: Annotated[Optional[str], typer.Option(  # noqa: UP045
-        "--format", help="csv (default) or json.", show_default=False)] = None,
+        "--format", help=f"Output format: {formats_help()}.", show_default=False)] = None,
     overlays: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         "--overlays", help="Folder for one PNG per input showing its top detections.", show_default=False)] = None,
     batch_size: Annotated[Optional[int], typer.Option(  # noqa: UP045

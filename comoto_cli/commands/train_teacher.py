@@ -15,6 +15,7 @@ import typer
 
 from comoto_cli.commands.common import CONFIG_OPTION_HELP, NUM_WORKERS_HELP, VAL_EVERY_HELP, console, resolve_config
 from comoto_cli.config import TeacherConfig
+from comoto_cli.networks.backbones import backbones_help  # no torch: the help stays fast
 
 
 def train_teacher(
@@ -27,7 +28,7 @@ def train_teacher(
     batch_size: int | None = typer.Option(None, "--batch-size", help="Images per step (per process under DDP)."),
     lr: float | None = typer.Option(None, "--lr", help="Learning rate (optim.lr)."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed."),
-    backbone: str | None = typer.Option(None, "--backbone", help="resnet18 | resnet34 | resnet50 | resnet101."),
+    backbone: str | None = typer.Option(None, "--backbone", help=f"Feature extractor: {backbones_help()}."),
     num_workers: int | None = typer.Option(None, "--num-workers", help=NUM_WORKERS_HELP),
     val_every: int | None = typer.Option(None, "--val-every", help=VAL_EVERY_HELP),
 ) -> None:

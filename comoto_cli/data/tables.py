@@ -135,16 +135,23 @@ def _require_nonempty_text(table: CsvTable, values: np.ndarray, name: str) -> No
         raise InputDataError(f"column {name!r} is empty", path=table.path, row=table.rows[bad[0]])
 
 
-def read_dbtex_predictions(path: str | Path) -> dict[str, np.ndarray]:
-    """A DBTex submission CSV as the scorer's predictions table (:data:`DBTEX_COLUMNS`); sizes must be >= 0."""
-    table = read_csv(path, DBTEX_COLUMNS)
+def _dbtex_columns(table: CsvTable, names) -> dict[str, np.ndarray]:
+    """``names`` of ``table``: the key columns as non-empty text, the others as finite floats (NaN, inf or text is
+    an error naming the row)."""
     columns: dict[str, np.ndarray] = {}
-    for name in DBTEX_COLUMNS:
+    for name in names:
         if name in DBTEX_TEXT_COLUMNS:
             columns[name] = _text(table, name)
             _require_nonempty_text(table, columns[name], name)
         else:
-            columns[name] = table.floats(name)  # NaN / inf / text -> error naming the row
+            columns[name] = table.floats(name)
+    return columns
+
+
+def read_dbtex_predictions(path: str | Path) -> dict[str, np.ndarray]:
+    """A DBTex submission CSV as the scorer's predictions table (:data:`DBTEX_COLUMNS`); sizes must be >= 0."""
+    table = read_csv(path, DBTEX_COLUMNS)
+    columns = _dbtex_columns(table, DBTEX_COLUMNS)
     for name in ("Width", "Height", "Depth"):
         _require_nonnegative(table, columns[name], name)
     return columns
@@ -153,13 +160,7 @@ def read_dbtex_predictions(path: str | Path) -> dict[str, np.ndarray]:
 def read_dbtex_boxes(path: str | Path) -> dict[str, np.ndarray]:
     """A BCS-DBT boxes CSV as the scorer's boxes table (:data:`DBTEX_BOX_COLUMNS`, plus ``Class`` when present)."""
     table = read_csv(path, DBTEX_BOX_COLUMNS, optional=("Class",))
-    columns: dict[str, np.ndarray] = {}
-    for name in DBTEX_BOX_COLUMNS:
-        if name in DBTEX_TEXT_COLUMNS:
-            columns[name] = _text(table, name)
-            _require_nonempty_text(table, columns[name], name)
-        else:
-            columns[name] = table.floats(name)
+    columns = _dbtex_columns(table, DBTEX_BOX_COLUMNS)
     if "Class" in table.columns:
         columns["Class"] = _text(table, "Class")
     for name in ("Width", "Height"):

@@ -43,7 +43,7 @@ from comoto_cli.losses import (
     lesion_points,
     masked_batch_mean,
 )
-from comoto_cli.metrics.dbtex import METRIC_KEYS, DbtexTables, dbtex_counts, score_dbtex
+from comoto_cli.metrics.registry import compute_metrics, metric_names
 from comoto_cli.networks.checkpoint import load_detector
 from comoto_cli.networks.detector import build_detector
 from comoto_cli.utils.atomic import ensure_writable_dir, sha256_file, write_json_atomic
@@ -71,10 +71,6 @@ def training_rows(cache, ratio: float, seed: int) -> tuple[np.ndarray, list[str]
     return rows[np.isin(patients_of_rows, kept)], [str(p) for p in kept]
 
 
-#: Keys of :func:`make_volume_val_fn`'s metrics; any of them may be ``best_metric``.
-VALIDATION_METRICS = (*METRIC_KEYS, "num_predictions")
-
-
 def check_distill_config(config: DistillConfig) -> DistillMode:
     """What ``distill`` needs from its config, checked before any file is read or model trained; its mode."""
     mode = get_mode(config.mode)
@@ -83,12 +79,13 @@ def check_distill_config(config: DistillConfig) -> DistillMode:
         config.require("teacher", needed_by=f"mode {mode.name}")
     if mode.needs_teacher_cache:
         config.require("teacher_cache", needed_by=f"mode {mode.name}")
-    config.require_metric(VALIDATION_METRICS, "distill")
+    config.require_metric(metric_names("volume"), "distill")
     return mode
 
 
 def make_volume_val_fn(cache, inference: InferenceConfig, split: str = "val"):
-    """``val_fn`` for the trainer: DBTex metrics of full-volume inference on ``split`` (:data:`VALIDATION_METRICS`)."""
+    """``val_fn`` for the trainer: every registered volume-level metric (:mod:`comoto_cli.metrics.registry`; by
+    default the DBTex metric and ``num_predictions``) of full-volume inference on ``split``."""
 
     boxes, labels = dbtex_ground_truth(cache, split)
     if len(boxes["X"]) == 0:
@@ -98,8 +95,7 @@ def make_volume_val_fn(cache, inference: InferenceConfig, split: str = "val"):
     def val_fn(model) -> dict:
         device = next(model.parameters()).device
         predictions = detect_cache(model, cache, split, inference, device, progress=False)
-        tables = DbtexTables(predictions=predictions, boxes=boxes, labels=labels)
-        return {**score_dbtex(tables), "num_predictions": int(dbtex_counts(tables).get("predictions", 0))}
+        return compute_metrics("volume", predictions, (boxes, labels))
 
     val_fn.size = len(cache.volumes_in_split(split))  # the trainer's val_every "auto" reads it
     return val_fn

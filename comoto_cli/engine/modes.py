@@ -91,7 +91,8 @@ def register_mode(mode: DistillMode) -> DistillMode:
     if mode.teacher_images is not None and mode.build is None:
         raise ValueError(f"mode {mode.name!r}: teacher_images without build: nothing would read the teacher batches")
     _MODES[mode.name] = mode
-    DistillConfig.mode_names.append(mode.name)
+    if mode.name not in DistillConfig.mode_names:  # the built-in names are there from the start
+        DistillConfig.mode_names.append(mode.name)
     return mode
 
 

@@ -16,8 +16,9 @@ from comoto_cli.data.datasets import DetectionDataset
 from comoto_cli.engine import distributed
 from comoto_cli.engine.trainer import LAST_CHECKPOINT, seed_everything, train
 from comoto_cli.errors import UsageError
-from comoto_cli.evaluation.validation import METRIC_NAMES, make_val_fn
+from comoto_cli.evaluation.validation import make_val_fn
 from comoto_cli.losses import background_points, impa_loss, lesion_points
+from comoto_cli.metrics.registry import metric_names
 from comoto_cli.networks.detector import build_detector
 
 
@@ -44,7 +45,7 @@ def make_impa_loss(config: TeacherConfig, image_size: tuple[int, int]):
 def check_teacher_config(config: TeacherConfig) -> None:
     """What ``train-teacher`` needs from its config, checked before any file is read or model trained."""
     config.require("cache", "out")
-    config.require_metric(METRIC_NAMES, "train-teacher")
+    config.require_metric(metric_names("image"), "train-teacher")
 
 
 def run_train_teacher(config: TeacherConfig, *, resume: bool = False, console=None) -> dict:

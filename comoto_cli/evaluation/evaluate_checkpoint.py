@@ -22,10 +22,10 @@ from comoto_cli.data.tables import (
     write_image_predictions,
 )
 from comoto_cli.errors import CheckpointError, UsageError
-from comoto_cli.evaluation.validation import FPS_PER_IMAGE, detect_images, detection_metrics, ground_truth_boxes
+from comoto_cli.evaluation.validation import detect_images, detection_metrics, ground_truth_boxes
 from comoto_cli.inference.volume import detect_cache, forward_batch_size
 from comoto_cli.metrics.dbtex import DbtexTables
-from comoto_cli.metrics.image_froc import image_froc
+from comoto_cli.metrics.image_froc import FPS_PER_IMAGE, image_froc
 from comoto_cli.metrics.plots import plot_froc
 from comoto_cli.metrics.report import write_dbtex_report
 from comoto_cli.networks.checkpoint import load_detector

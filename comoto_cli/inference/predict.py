@@ -22,14 +22,13 @@ import numpy as np
 
 from comoto_cli.config import InferenceConfig, PredictConfig
 from comoto_cli.data.dicom_io import open_dicom_image, view_from_dataset
-from comoto_cli.data.tables import PREDICT_COLUMNS as OUTPUT_COLUMNS
 from comoto_cli.errors import ComotoError, InputDataError, UsageError
+from comoto_cli.inference.formats import write_output
 from comoto_cli.inference.volume import detect_volume, detections_to_dbtex
 from comoto_cli.networks.checkpoint import load_detector
 from comoto_cli.transforms.geometry import cache_to_official
 from comoto_cli.transforms.resize import resize_area
-from comoto_cli.utils.atomic import atomic_path, ensure_writable_dir, write_json_atomic
-from comoto_cli.utils.csvio import write_csv_atomic
+from comoto_cli.utils.atomic import atomic_path, ensure_writable_dir
 from comoto_cli.utils.system import pick_device
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -275,14 +274,6 @@ def records(results: list[InputPrediction]) -> list[dict]:
     return table
 
 
-def write_output(path: Path, table: list[dict], fmt: str) -> None:
-
-    if fmt == "json":
-        write_json_atomic(path, table)
-    else:
-        write_csv_atomic(path, OUTPUT_COLUMNS, ([record[name] for name in OUTPUT_COLUMNS] for record in table))
-
-
 # ---------------------------------------------------------------------------------------------- overlays
 def overlay_names(paths: list[Path]) -> list[str]:
     """Unique PNG names: the path below the inputs' common folder, separators as '__' (BCS-DBT names every
@@ -357,7 +348,8 @@ def write_overlay(path: Path, image, kind: str, result: InputPrediction) -> None
 
 
 def run_predict(config: PredictConfig, progress: bool = True) -> tuple[list[dict], int]:
-    """The whole command: inputs -> detector -> ``config.out`` (CSV or JSON) and optional overlays.
+    """The whole command: inputs -> detector -> ``config.out`` (in ``config.format``, a registered output format:
+    :mod:`comoto_cli.inference.formats`) and optional overlays.
 
     Returns the records written and the number of inputs. The output file is written once, atomically,
     after every input succeeded.

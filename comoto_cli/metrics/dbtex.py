@@ -337,6 +337,14 @@ def score_dbtex(tables: DbtexTables) -> dict[str, float]:
     return _metrics_from_match(matched)
 
 
+def dbtex_metrics(predictions: dict[str, np.ndarray],
+                  ground_truth: tuple[dict[str, np.ndarray], dict[str, np.ndarray]]) -> dict[str, float]:
+    """:func:`score_dbtex` of a predictions table against ``(boxes, labels)`` tables: the student's validation
+    metric family (:mod:`comoto_cli.metrics.registry`)."""
+    boxes, labels = ground_truth
+    return score_dbtex(DbtexTables(predictions=predictions, boxes=boxes, labels=labels))
+
+
 def dbtex_counts(tables: DbtexTables) -> dict[str, int]:
     """Sizes that explain a score: volumes, positive volumes, boxes, predictions, hits."""
     matched = _match(tables)

@@ -17,11 +17,16 @@ empty). No image -> the same.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 
 from comoto_cli.metrics.dbtex import froc_walk, official_thresholds, sensitivities_at
+
+#: The false-positive rates per image the teacher's validation reports (``sensitivity_at_{F}_fp``).
+FPS_PER_IMAGE = (1, 2, 3, 4)
+FROC_KEYS = (*(f"sensitivity_at_{f}_fp" for f in FPS_PER_IMAGE), "mean_sensitivity")
 
 
 def _image_hits(pred_boxes: np.ndarray, gt_boxes: np.ndarray) -> np.ndarray:
@@ -85,3 +90,15 @@ def image_froc(
     result = {key(f): v for f, v in zip(fps_per_image, values)}
     result.update(mean_sensitivity=float(np.mean(values)), fps=fps, sensitivities=sens)
     return result
+
+
+def froc_metrics(predictions: Sequence[dict], ground_truth: Sequence[np.ndarray]) -> dict:
+    """The validation's FROC numbers (:data:`FROC_KEYS`): :func:`image_froc` at :data:`FPS_PER_IMAGE`, NaN as
+    None (no ground-truth box)."""
+    froc = image_froc(list(predictions), list(ground_truth), fps_per_image=FPS_PER_IMAGE)
+    return {key: _finite_or_none(froc[key]) for key in FROC_KEYS}
+
+
+def _finite_or_none(value) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None

@@ -1,4 +1,7 @@
-"""ResNet-FPN feature extractor built from MONAI parts only (no torchvision), one input channel.
+"""ResNet-FPN feature extractor built from MONAI parts only (no torchvision), one input channel: the built-in
+backbones ``resnet18``, ``resnet34``, ``resnet50`` and ``resnet101`` (registered in
+:mod:`comoto_cli.networks.backbones`, whose :class:`~comoto_cli.networks.backbones.FeatureExtractor` interface
+:class:`ResNetFPNBackbone` has).
 
 MONAI's own ``resnet_fpn_feature_extractor`` / ``BackboneWithFPN`` import torchvision (docs/design.md section 4), so
 the extractor is assembled here from ``monai.networks.nets.resnet.ResNet`` stages and MONAI's
@@ -70,7 +73,8 @@ def validate_distill_feature(config: ModelConfig) -> None:
 
 
 class ResNetFPNBackbone(nn.Module):
-    """MONAI ResNet stages + FPN. ``forward`` returns the ordered FPN maps; ``out_channels`` is their width.
+    """MONAI ResNet stages + FPN. ``forward`` returns the ordered FPN maps; ``out_channels`` is their width,
+    ``level_strides`` their strides, ``distill_stride`` and ``distill_channels`` the distillation map's.
 
     ``body`` is a plain MONAI ``ResNet`` whose parameter names equal torchvision's (``conv1``, ``bn1``,
     ``layer1.0.conv1``, ``layer1.0.downsample.0`` ...), so ImageNet-style state dicts can be loaded into it.
@@ -79,6 +83,9 @@ class ResNetFPNBackbone(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         validate_distill_feature(config)
+        if config.backbone not in RESNET_ARCHITECTURES:
+            raise UsageError(f"model.backbone: {config.backbone!r} is not a ResNet of this builder; "
+                             f"one of {', '.join(RESNET_ARCHITECTURES)}")
         block, layers = RESNET_ARCHITECTURES[config.backbone]
         # Shortcut "B" (1x1 conv downsample) as in torchvision: MONAI's type "A" shortcut concatenates
         # ``out.data``, which silently cuts the gradient through every downsampling shortcut.
@@ -106,6 +113,8 @@ class ResNetFPNBackbone(nn.Module):
             extra_blocks=LastLevelMaxPool(spatial_dims=2),
         )
         self.out_channels = config.fpn_channels
+        self.level_strides = fpn_level_strides(config)
+        self.distill_stride = distill_feature_stride(config)
         if self.distill_feature == BACKBONE_FEATURE:
             self.distill_channels = self.stage_channels[3]
         else:
@@ -150,6 +159,10 @@ class ResNetFPNBackbone(nn.Module):
         if self.distill_feature == BACKBONE_FEATURE:
             return self._stages(images, 4)["layer4"]
         return self.forward_with_distill(images)[1]
+
+    def load_weights(self, path: str | Path) -> list[str]:
+        """``model.weights``: a ResNet state dict into ``body`` (:func:`load_backbone_weights`)."""
+        return load_backbone_weights(self.body, path)
 
 
 # ---------------------------------------------------------------------------------------------- user weights
@@ -229,17 +242,9 @@ def load_backbone_weights(body: ResNet, path: str | Path) -> list[str]:
     return ignored
 
 
-def build_backbone(config: ModelConfig, *, load_weights: bool = True) -> ResNetFPNBackbone:
-    backbone = ResNetFPNBackbone(config)
-    if load_weights and config.weights is not None:
-        load_backbone_weights(backbone.body, config.weights)
-    return backbone
-
-
 __all__ = [
     "RESNET_ARCHITECTURES",
     "ResNetFPNBackbone",
-    "build_backbone",
     "distill_feature_stride",
     "fpn_level_names",
     "fpn_level_strides",

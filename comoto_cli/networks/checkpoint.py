@@ -74,8 +74,11 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict:
         if not isinstance(config_text, str):
             raise TypeError
         model_config = ModelConfig.model_validate_json(config_text)
-    except (ValidationError, TypeError, ValueError):
-        raise CheckpointError("model_config is not a valid model configuration", path=path) from None
+    except (ValidationError, TypeError, ValueError) as exc:
+        # Name the field: a backbone that is not registered here (a plug-in not imported) must be told apart.
+        first = exc.errors()[0] if isinstance(exc, ValidationError) and exc.errors() else None
+        detail = f" ({'.'.join(map(str, first['loc']))}: {first['msg']})" if first else ""
+        raise CheckpointError(f"model_config is not a valid model configuration{detail}", path=path) from None
     image_size = payload["image_size"]
     if (
         not isinstance(image_size, (list, tuple))

@@ -1,4 +1,5 @@
-"""The CoMoTo detector: a 2-D MONAI RetinaNet (one foreground class, "lesion") on a ResNet-FPN, no torchvision.
+"""The CoMoTo detector: a 2-D MONAI RetinaNet (one foreground class, "lesion") on a registered backbone (by default
+a ResNet-FPN, :mod:`comoto_cli.networks.backbones`), no torchvision.
 
 The paper's "2 classes" are background + lesion; RetinaNet's sigmoid classifier models only the foreground, so the
 MONAI network has ``num_classes = 1`` and every target label is 0.
@@ -8,7 +9,7 @@ detection code orders box coordinates by tensor axis (axis 0 = rows first), so b
 out; nothing else in the project sees MONAI's order.
 
 Training returns the detection losses *and* the distillation feature map of the same forward pass (the map that
-ImPA and LsKD act on, see :mod:`comoto_cli.networks.backbone`); MONAI's own ``forward`` returns only losses in
+ImPA and LsKD act on, see :mod:`comoto_cli.networks.backbones`); MONAI's own ``forward`` returns only losses in
 training mode, so the heads, anchors and ``compute_loss`` are driven here directly. Prediction
 (:meth:`ComotoDetector.predict`, the project's only one) likewise drives the heads and post-processes the whole
 batch at once: MONAI's per-image post-processing gives the same numbers at several times the cost.
@@ -31,13 +32,7 @@ from torch import Tensor, nn
 
 from comoto_cli.config import ModelConfig
 from comoto_cli.errors import UsageError
-from comoto_cli.networks.backbone import (
-    ResNetFPNBackbone,
-    build_backbone,
-    distill_feature_stride,
-    fpn_level_strides,
-    validate_distill_feature,
-)
+from comoto_cli.networks.backbones import FeatureExtractor, build_backbone, load_configured_weights
 from comoto_cli.networks.box_nms import greedy_nms
 
 # Anchor sampling for the classification loss, as in MONAI's detection tutorials (LUNA16 RetinaNet).
@@ -98,18 +93,21 @@ def base_anchor_shapes(config: ModelConfig) -> list[list[float]]:
     return [[height * math.sqrt(r), width / math.sqrt(r)] for r in config.anchor_aspect_ratios]
 
 
-def size_divisible(config: ModelConfig) -> int:
+def size_divisible(backbone: FeatureExtractor) -> int:
     """Image sides must be multiples of the coarsest stride used, so every level's map tiles the image exactly."""
-    return max(max(fpn_level_strides(config)), distill_feature_stride(config))
+    return max(max(backbone.level_strides), backbone.distill_stride)
 
 
-def validate_model_config(config: ModelConfig, image_size: tuple[int, int]) -> None:
-    validate_distill_feature(config)
+def validate_model_config(config: ModelConfig, image_size: tuple[int, int], backbone: FeatureExtractor) -> None:
+    """The checks of the detector around ``backbone`` (built from ``config``; it checks its own fields)."""
     if config.fpn_channels % _HEAD_GROUPS:
         raise UsageError(f"model.fpn_channels: {config.fpn_channels} is not a multiple of {_HEAD_GROUPS}")
+    if backbone.out_channels % _HEAD_GROUPS:
+        raise UsageError(f"model.backbone: {config.backbone!r} gives {backbone.out_channels} channels, not a multiple "
+                         f"of {_HEAD_GROUPS}")
     if len(image_size) != 2 or any(int(side) < 1 for side in image_size):
         raise UsageError(f"image size must be (height, width) in pixels, got {tuple(image_size)}")
-    divisor = size_divisible(config)
+    divisor = size_divisible(backbone)
     height, width = (int(side) for side in image_size)
     if height % divisor or width % divisor:
         raise UsageError(
@@ -125,14 +123,19 @@ class ComotoDetector(nn.Module):
 
     def __init__(self, config: ModelConfig, image_size: tuple[int, int], *, load_weights: bool = True):
         super().__init__()
-        validate_model_config(config, image_size)
+        # The backbone is built first: it checks its own fields (distill_feature ...) before making parameters,
+        # and its strides decide the image sizes allowed. Nothing here draws random numbers before the backbone's
+        # initialisation, nor between it and the heads'.
+        backbone = build_backbone(config)
+        validate_model_config(config, image_size, backbone)
+        if load_weights:
+            load_configured_weights(backbone, config)
         self.config = config
         self.image_size = (int(image_size[0]), int(image_size[1]))
-        self.size_divisible = size_divisible(config)
-        backbone = build_backbone(config, load_weights=load_weights)
+        self.size_divisible = size_divisible(backbone)
         self.feature_channels = backbone.distill_channels
 
-        strides = fpn_level_strides(config)
+        strides = list(backbone.level_strides)
         shapes = base_anchor_shapes(config)
         anchor_generator = AnchorGeneratorWithAnchorShape(
             feature_map_scales=[stride / strides[0] for stride in strides], base_anchor_shapes=shapes
@@ -164,7 +167,7 @@ class ComotoDetector(nn.Module):
 
     # ------------------------------------------------------------------------------------------ parts
     @property
-    def backbone(self) -> ResNetFPNBackbone:
+    def backbone(self) -> FeatureExtractor:
         return self.detector.network.feature_extractor  # type: ignore[return-value]
 
     def _check_images(self, images: Tensor) -> None:
