@@ -161,6 +161,13 @@ class PreprocessConfig(StrictModel):
         return data
 
 
+def registered_name(name: str, names: list[str], kind: str) -> str:
+    """``name`` when it is one of ``names`` (a plug-in kind's registered names), else a ValueError listing them."""
+    if name not in names:
+        raise ValueError(f"unknown {kind} {name!r}; registered: {', '.join(names)}")
+    return name
+
+
 # ---------------------------------------------------------------------------------------------- model
 class ModelConfig(StrictModel):
     """2D RetinaNet (MONAI) with a ResNet-FPN backbone and one input channel; 2 classes (background, lesion)."""
@@ -208,9 +215,7 @@ class ModelConfig(StrictModel):
     @field_validator("backbone")
     @classmethod
     def _registered_backbone(cls, name: str) -> str:
-        if name not in cls.backbone_names:
-            raise ValueError(f"unknown backbone {name!r}; registered: {', '.join(cls.backbone_names)}")
-        return name
+        return registered_name(name, cls.backbone_names, "backbone")
 
 
 class OptimConfig(StrictModel):
@@ -308,10 +313,7 @@ class DistillConfig(TrainConfig):
     @classmethod
     def check_mode(cls, name: str) -> str:
         """``name`` if a mode of that name is registered, else a ValueError listing the registered ones."""
-        if name not in cls.mode_names:
-            raise ValueError(f"unknown distillation mode {name!r}; registered: "
-                             f"{', '.join(cls.mode_names)}")
-        return name
+        return registered_name(name, cls.mode_names, "distillation mode")
 
     @field_validator("mode")
     @classmethod
@@ -373,9 +375,7 @@ class PredictConfig(StrictModel):
     @field_validator("format")
     @classmethod
     def _registered_format(cls, name: str) -> str:
-        if name not in cls.format_names:
-            raise ValueError(f"unknown output format {name!r}; registered: {', '.join(cls.format_names)}")
-        return name
+        return registered_name(name, cls.format_names, "output format")
 
 
 class ExperimentConfig(StrictModel):

@@ -49,12 +49,12 @@ def verdict(teacher_run: Path, student_metrics: Path) -> str:
     history = [json.loads(line) for line in (teacher_run / "metrics.jsonl").read_text().splitlines()]
     teacher = [line["val"]["mean_sensitivity"] for line in history if line.get("val")]
     metrics = json.loads(student_metrics.read_text())
-    student = metrics["mean_sensitivity_positive"]
+    student, counts = metrics["mean_sensitivity_positive"], metrics["counts"]
     low, high = metrics.get("mean_sensitivity_positive_ci95") or (float("nan"), float("nan"))
     held = max(teacher) >= TEACHER_AT_LEAST and max(teacher) > teacher[0] and student >= STUDENT_AT_LEAST
     return (f"Teacher (mammography, ImPA): validation mean sensitivity {teacher[0]:.3f} after epoch 1, best "
             f"{max(teacher):.3f}. Student (DBT, LsKD): test mean sensitivity {student:.3f} (95 % CI {low:.2f}-"
-            f"{high:.2f}), {metrics['lesions_found']} of {metrics['boxes']} test lesions among its detections.\n"
+            f"{high:.2f}), {counts['lesions_found']} of {counts['boxes']} test lesions among its detections.\n"
             + ("As expected: " if held else "BELOW what every machine so far has given: ")
             + f"teacher best >= {TEACHER_AT_LEAST} and rising, student >= {STUDENT_AT_LEAST}. The exact numbers "
               "differ between CPU types (see the README).")

@@ -18,6 +18,29 @@ TRAJECTORY_SEED = int(os.environ.get("COMOTO_TEST_SEED", "0"))
 import pytest  # noqa: E402
 
 
+def _cpu_name() -> str:
+    """The CPU model (as /proc/cpuinfo names it) and its widest vector extension."""
+    import platform
+
+    name, flags = "", ""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key in ("model name", "Model") and not name:
+                name = value
+            if key in ("flags", "Features") and not flags:
+                flags = f" {value} "
+    except OSError:
+        pass
+    vector = next((tag for tag in ("avx512f", "avx2", "sve", "asimd") if f" {tag} " in flags), "")
+    return f"{name or platform.processor() or 'unknown CPU'} ({platform.machine()}{', ' + vector if vector else ''})"
+
+
+def pytest_report_header(config):
+    """Trained-model results depend on the CPU's float arithmetic: say which CPU and thread count this run had."""
+    return f"cpu: {_cpu_name()}, {os.cpu_count()} cores; torch threads: {TEST_THREADS}"
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _single_thread_torch():
     try:

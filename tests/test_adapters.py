@@ -34,7 +34,7 @@ def test_the_built_in_adapters_are_registered_and_chosen_as_before():
 
 
 @pytest.mark.parametrize("settings, needle", [
-    ({"modality": "mammo", "dataset": "cbis-ddsm"}, "unknown dataset 'cbis-ddsm'; one of: bcs-dbt"),
+    ({"modality": "mammo", "dataset": "cbis-ddsm"}, "dataset: unknown dataset 'cbis-ddsm'; registered: bcs-dbt"),
     ({"modality": "dbt", "dataset": "jsonl"}, "comoto preprocess mammo"),
     ({"modality": "mammo", "dataset": "vindr", "inputs": {"manifest": "a.jsonl"}}, "takes no input named manifest"),
 ])
@@ -155,10 +155,18 @@ def test_jsonl_records(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- a new dataset
-def test_a_dataset_is_one_adapter_class_plus_its_registration(tmp_path, monkeypatch):
+@pytest.fixture
+def registration_ends_with_the_test():
+    saved = dict(base._REGISTRY)
+    yield
+    base._REGISTRY.clear()
+    base._REGISTRY.update(saved)
+
+
+def test_a_dataset_is_one_adapter_class_plus_its_registration(tmp_path, monkeypatch,
+                                                              registration_ends_with_the_test):
     """An adapter written outside the package (numpy volumes listed by file name) runs through the unchanged
     pipeline once registered."""
-    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))  # the registration ends with the test
 
     @register
     class NumpyVolumes(VolumeAdapter):

@@ -13,8 +13,9 @@ def _runs(tmp_path, teacher: list[float], student: float):
     lines = [{"epoch": i + 1, "val": {"mean_sensitivity": value}} for i, value in enumerate(teacher)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     metrics = tmp_path / "metrics.json"
+    # The layout `comoto evaluate` writes (metrics.report.write_dbtex_report).
     metrics.write_text(json.dumps({"mean_sensitivity_positive": student, "mean_sensitivity_positive_ci95": [0.7, 1.0],
-                                   "lesions_found": 13, "boxes": 14}))
+                                   "counts": {"lesions_found": 13, "boxes": 14}}))
     return run, metrics
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from comoto_cli.config import DistillConfig
-from comoto_cli.errors import UsageError
+from comoto_cli.utils.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class DistillMode:
         return getattr(importlib.import_module(module), function)
 
 
-_MODES: dict[str, DistillMode] = {}
+_MODES: Registry[DistillMode] = Registry("distillation mode", "mode", DistillConfig.mode_names)
 
 
 def register_mode(mode: DistillMode) -> DistillMode:
@@ -82,25 +82,17 @@ def register_mode(mode: DistillMode) -> DistillMode:
     # "+" would clash with the experiment's MODE+impa methods.
     if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", mode.name):
         raise ValueError(f"mode name {mode.name!r}: lower-case letters, digits, '_' and '-' only")
-    if mode.name in _MODES:
-        raise ValueError(f"a distillation mode {mode.name!r} is already registered")
     if mode.init not in ("fresh", "teacher") or mode.teacher_images not in (None, "all", "lesions"):
         raise ValueError(f"mode {mode.name!r}: init must be fresh|teacher, teacher_images all|lesions|None")
     if isinstance(mode.build, str) and not re.fullmatch(r"[\w.]+:\w+", mode.build):
         raise ValueError(f"mode {mode.name!r}: build must be a callable or 'module:function'")
     if mode.teacher_images is not None and mode.build is None:
         raise ValueError(f"mode {mode.name!r}: teacher_images without build: nothing would read the teacher batches")
-    _MODES[mode.name] = mode
-    if mode.name not in DistillConfig.mode_names:  # the built-in names are there from the start
-        DistillConfig.mode_names.append(mode.name)
-    return mode
+    return _MODES.add(mode.name, mode)
 
 
 def get_mode(name: str) -> DistillMode:
-    try:
-        return _MODES[name]
-    except KeyError:
-        raise UsageError(f"mode: unknown distillation mode {name!r}; registered: {', '.join(_MODES)}") from None
+    return _MODES.lookup(name)
 
 
 def registered_modes() -> list[DistillMode]:

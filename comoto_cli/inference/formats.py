@@ -24,8 +24,8 @@ from pathlib import Path
 
 from comoto_cli.config import PredictConfig
 from comoto_cli.data.tables import PREDICT_COLUMNS
-from comoto_cli.errors import UsageError
 from comoto_cli.utils.atomic import atomic_path
+from comoto_cli.utils.registry import Registry
 
 Writer = Callable[[Path, list[dict]], None]
 
@@ -39,7 +39,7 @@ class OutputFormat:
     description: str = ""
 
 
-_FORMATS: dict[str, OutputFormat] = {}
+_FORMATS: Registry[OutputFormat] = Registry("output format", "format", PredictConfig.format_names)
 
 
 def register_format(name: str, writer: Writer, *, description: str = "") -> OutputFormat:
@@ -50,18 +50,11 @@ def register_format(name: str, writer: Writer, *, description: str = "") -> Outp
         raise ValueError(f"an output format {name!r} is already registered")
     if not callable(writer):
         raise ValueError(f"format {name!r}: writer must be a callable writer(path, records)")
-    output_format = OutputFormat(name=name, writer=writer, description=description)
-    _FORMATS[name] = output_format
-    if name not in PredictConfig.format_names:  # the built-in names are there from the start
-        PredictConfig.format_names.append(name)
-    return output_format
+    return _FORMATS.add(name, OutputFormat(name=name, writer=writer, description=description))
 
 
 def get_format(name: str) -> OutputFormat:
-    try:
-        return _FORMATS[name]
-    except KeyError:
-        raise UsageError(f"format: unknown output format {name!r}; registered: {', '.join(_FORMATS)}") from None
+    return _FORMATS.lookup(name)
 
 
 def registered_formats() -> list[OutputFormat]:

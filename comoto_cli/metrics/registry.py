@@ -30,10 +30,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from comoto_cli.errors import UsageError
 from comoto_cli.metrics.coco import COCO_KEYS, coco_metrics
 from comoto_cli.metrics.dbtex import METRIC_KEYS, DbtexTables, dbtex_counts, dbtex_metrics
 from comoto_cli.metrics.image_froc import FROC_KEYS, froc_metrics
+from comoto_cli.utils.registry import Registry
 
 Level = Literal["image", "volume"]
 LEVELS: tuple[str, ...] = ("image", "volume")
@@ -60,7 +60,7 @@ class MetricFamily:
     description: str = ""
 
 
-_FAMILIES: dict[str, MetricFamily] = {}
+_FAMILIES: Registry[MetricFamily] = Registry("metric family")
 _NAME = re.compile(r"[a-z0-9][a-z0-9_]*")
 
 
@@ -68,8 +68,6 @@ def register_metric(family: MetricFamily) -> MetricFamily:
     """Make ``family`` part of its level's validation and its keys possible ``best_metric`` values."""
     if not _NAME.fullmatch(family.name):
         raise ValueError(f"metric family name {family.name!r}: lower-case letters, digits and '_' only")
-    if family.name in _FAMILIES:
-        raise ValueError(f"a metric family {family.name!r} is already registered")
     if family.level not in LEVELS:
         raise ValueError(f"metric family {family.name!r}: level must be one of {', '.join(LEVELS)}")
     if not callable(family.compute):
@@ -87,15 +85,11 @@ def register_metric(family: MetricFamily) -> MetricFamily:
         raise ValueError(f"metric family {family.name!r}: the trainer takes a key containing 'loss' as lower-is-better "
                          f"and any other as higher-is-better; {', '.join(wrong_way)} contradict "
                          f"higher_is_better={family.higher_is_better}")
-    _FAMILIES[family.name] = replace(family, names=names)
-    return _FAMILIES[family.name]
+    return _FAMILIES.add(family.name, replace(family, names=names))
 
 
 def get_metric_family(name: str) -> MetricFamily:
-    try:
-        return _FAMILIES[name]
-    except KeyError:
-        raise UsageError(f"unknown metric family {name!r}; registered: {', '.join(_FAMILIES)}") from None
+    return _FAMILIES.lookup(name)
 
 
 def registered_metrics(level: str | None = None) -> list[MetricFamily]:

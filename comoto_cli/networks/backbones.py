@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from comoto_cli.config import ModelConfig
 from comoto_cli.errors import UsageError
+from comoto_cli.utils.registry import Registry
 
 if TYPE_CHECKING:  # annotations only: importing torch here would slow `comoto --help`
     from collections import OrderedDict
@@ -80,31 +81,22 @@ class BackboneSpec:
         return getattr(importlib.import_module(module), function)
 
 
-_BACKBONES: dict[str, BackboneSpec] = {}
+_BACKBONES: Registry[BackboneSpec] = Registry("backbone", "model.backbone", ModelConfig.backbone_names)
 
 
 def register_backbone(name: str, builder: Builder | str) -> BackboneSpec:
     """Make backbone ``name`` known to the detector, ``--backbone`` and the config's validation."""
     if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", name):
         raise ValueError(f"backbone name {name!r}: lower-case letters, digits, '_', '.' and '-' only")
-    if name in _BACKBONES:
-        raise ValueError(f"a backbone {name!r} is already registered")
     if isinstance(builder, str) and not re.fullmatch(r"[\w.]+:\w+", builder):
         raise ValueError(f"backbone {name!r}: builder must be a callable or 'module:function'")
     if not isinstance(builder, str) and not callable(builder):
         raise ValueError(f"backbone {name!r}: builder must be a callable or 'module:function'")
-    spec = BackboneSpec(name=name, builder=builder)
-    _BACKBONES[name] = spec
-    if name not in ModelConfig.backbone_names:  # the built-in names are there from the start
-        ModelConfig.backbone_names.append(name)
-    return spec
+    return _BACKBONES.add(name, BackboneSpec(name=name, builder=builder))
 
 
 def get_backbone(name: str) -> BackboneSpec:
-    try:
-        return _BACKBONES[name]
-    except KeyError:
-        raise UsageError(f"model.backbone: unknown backbone {name!r}; registered: {', '.join(_BACKBONES)}") from None
+    return _BACKBONES.lookup(name)
 
 
 def registered_backbones() -> list[str]:

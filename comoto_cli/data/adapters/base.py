@@ -25,6 +25,7 @@ from comoto_cli.config import PreprocessConfig
 from comoto_cli.data import dicom_io
 from comoto_cli.data.sources import ImageRecord, Skipped, csv_paths
 from comoto_cli.errors import UsageError
+from comoto_cli.utils.registry import Registry
 
 
 class PixelSource(NamedTuple):
@@ -103,7 +104,7 @@ class ImageAdapter(DatasetAdapter):
 
 
 # ---------------------------------------------------------------------------------------------- registry
-_REGISTRY: dict[str, DatasetAdapter] = {}
+_REGISTRY: Registry[DatasetAdapter] = Registry("dataset", "dataset")
 A = TypeVar("A", bound=type[DatasetAdapter])
 
 
@@ -122,10 +123,7 @@ def registered() -> dict[str, DatasetAdapter]:
 
 def get_adapter(name: str) -> DatasetAdapter:
     """The adapter registered as ``name`` (a one-line usage error listing the names otherwise)."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise UsageError(f"unknown dataset {name!r}; one of: {', '.join(_REGISTRY)}") from None
+    return _REGISTRY.lookup(name)
 
 
 def default_dataset(config: PreprocessConfig) -> str:
