@@ -34,6 +34,15 @@ class StrictModel(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    def require(self, *fields: str, needed_by: str = "") -> None:
+        """One-line UsageError naming the first of ``fields`` left unset: its key, its flag and its description.
+        (Paths are optional in the models because configs nest: ``experiment`` fills them in per run.)"""
+        for name in fields:
+            if getattr(self, name) is None:
+                reason = f", needed by {needed_by}" if needed_by else ""
+                raise UsageError(f"missing {name} (--{name.replace('_', '-')}){reason}: "
+                                 f"{type(self).model_fields[name].description}")
+
 
 OnError = Literal["fail", "skip"]
 
@@ -267,14 +276,6 @@ class TrainConfig(StrictModel):
 
     # Paths a run needs stay optional in the model: `comoto experiment` embeds these configs and fills them per run,
     # and `comoto config show` prints a config before they are given. Each command checks its own with these.
-    def require(self, *fields: str, needed_by: str = "") -> None:
-        """One-line UsageError naming the first of ``fields`` left unset: its key, its flag and its description."""
-        for name in fields:
-            if getattr(self, name) is None:
-                reason = f", needed by {needed_by}" if needed_by else ""
-                raise UsageError(f"missing {name} (--{name.replace('_', '-')}){reason}: "
-                                 f"{type(self).model_fields[name].description}")
-
     def require_metric(self, names: tuple[str, ...], command: str) -> None:
         """One-line UsageError unless ``best_metric`` is one of ``names`` (the metrics ``command`` validates)."""
         if self.best_metric not in names:
@@ -344,14 +345,14 @@ class InferenceConfig(StrictModel):
 
 
 class EvaluateConfig(StrictModel):
-    checkpoint: Path | None = None
-    cache: Path | None = None
+    checkpoint: Path | None = Field(None, description="checkpoint to evaluate (best.pt of train-teacher or distill)")
+    cache: Path | None = Field(None, description="slice cache whose split is scored (`comoto preprocess`)")
     split: Literal["train", "val", "test"] = "test"
     predictions: Path | None = None
     boxes: Path | None = None
     labels: Path | None = None
     froc: bool = True
-    out: Path | None = None
+    out: Path | None = Field(None, description="output folder: metrics.json, froc.png, predictions.csv")
     bootstrap: int = Field(1000, ge=0, description="patient bootstrap resamples for the 95% interval (0 = off)")
     seed: int = Field(0, ge=0)
     inference: InferenceConfig = InferenceConfig()
@@ -363,9 +364,9 @@ class PredictConfig(StrictModel):
     # ModelConfig.backbone_names.
     format_names: ClassVar[list[str]] = ["csv", "json"]
 
-    checkpoint: Path | None = None
+    checkpoint: Path | None = Field(None, description="detector checkpoint (best.pt of train-teacher or distill)")
     inputs: list[Path] = Field(default_factory=list)
-    out: Path | None = None
+    out: Path | None = Field(None, description="output file, in `format`")
     format: str = Field("csv", description="output file format, a registered one (built in: csv, json): "
                         "`comoto predict --help` lists them")
     overlays: Path | None = None

@@ -72,3 +72,16 @@ def test_unexpected_exception_is_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err == "error: RuntimeError: boom (run with --debug for the traceback)"
     assert app.info.name == "comoto"
+
+
+@pytest.mark.parametrize("arguments, expected", [
+    (["predict", "x.dcm", "--out", "p.csv"], "missing checkpoint (--checkpoint), needed by predict: detector checkpoint"),
+    (["predict", "x.dcm", "--checkpoint", "best.pt"], "missing out (--out), needed by predict: output file"),
+    (["evaluate", "--checkpoint", "best.pt", "--out", "e"], "missing cache (--cache), needed by evaluate --checkpoint"),
+])
+def test_a_missing_required_input_is_named_once_with_its_flag(arguments, expected, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main(arguments)
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and len(err.splitlines()) == 1 and expected in err, err

@@ -73,8 +73,7 @@ def evaluate(
                          "(or evaluate a model with --checkpoint and --cache)")
     if settings.predictions is not None and (split is not None or batch_size is not None):
         raise UsageError("--split and --batch-size apply to --checkpoint evaluation, not to --predictions")
-    if settings.out is None:
-        raise UsageError("--out DIR is required (metrics.json, froc.png and predictions.csv go there)")
+    settings.require("out", needed_by="evaluate")
 
     if settings.predictions is not None:
         missing = [name for name, value in csv_inputs.items() if value is None]
@@ -84,9 +83,7 @@ def evaluate(
             _evaluate_csv(settings)
         return
 
-    missing = [name for name, value in model_inputs.items() if value is None]
-    if missing:
-        raise UsageError(f"checkpoint evaluation needs {' and '.join(missing)}")
+    settings.require("checkpoint", "cache", needed_by="evaluate --checkpoint")
     from comoto_cli.evaluation.evaluate_checkpoint import evaluate_checkpoint
 
     with all_or_nothing(settings.out):

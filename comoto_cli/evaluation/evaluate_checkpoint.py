@@ -135,8 +135,7 @@ def evaluate_checkpoint(config: EvaluateConfig, progress: bool = True) -> dict:
     """Score ``config.checkpoint`` on ``config.split`` of ``config.cache``; write predictions and metrics into
     ``config.out``. Returns the metrics written to ``metrics.json``."""
 
-    if config.checkpoint is None or config.cache is None or config.out is None:
-        raise UsageError("evaluate --checkpoint needs --cache and --out as well")
+    config.require("checkpoint", "cache", "out", needed_by="evaluate --checkpoint")
     cache = SliceCache(config.cache)
     if len(cache.volumes_in_split(config.split)) == 0:
         raise UsageError(f"cache has no {config.split!r} volumes to evaluate", path=config.cache)

@@ -355,10 +355,7 @@ def run_predict(config: PredictConfig, progress: bool = True) -> tuple[list[dict
     after every input succeeded.
     """
 
-    if config.checkpoint is None:
-        raise UsageError("predict needs --checkpoint (a best.pt written by train-teacher or distill)")
-    if config.out is None:
-        raise UsageError("predict needs --out (the CSV or JSON file to write)")
+    config.require("checkpoint", "out", needed_by="predict")
     paths = collect_inputs(list(config.inputs))
     model, _metadata = load_detector(config.checkpoint, map_location="cpu")
     if config.overlays is not None:
