@@ -36,9 +36,10 @@ def _cpu_name() -> str:
     return f"{name or platform.processor() or 'unknown CPU'} ({platform.machine()}{', ' + vector if vector else ''})"
 
 
-def pytest_report_header(config):
-    """Trained-model results depend on the CPU's float arithmetic: say which CPU and thread count this run had."""
-    return f"cpu: {_cpu_name()}, {os.cpu_count()} cores; torch threads: {TEST_THREADS}"
+def pytest_terminal_summary(terminalreporter):
+    """Trained-model results depend on the CPU's float arithmetic: say which CPU and thread count this run had
+    (a summary line, as ``-q`` hides the report header)."""
+    terminalreporter.write_line(f"cpu: {_cpu_name()}, {os.cpu_count()} cores; torch threads: {TEST_THREADS}")
 
 
 @pytest.fixture(autouse=True, scope="session")
