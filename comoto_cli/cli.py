@@ -21,6 +21,7 @@ from comoto_cli.commands import (
     distill,
     evaluate,
     experiment,
+    export,
     predict,
     preprocess,
     synth,
@@ -62,6 +63,7 @@ app.command("distill")(distill.distill)
 app.command("evaluate")(evaluate.evaluate)
 app.command("predict")(predict.predict)
 app.command("experiment")(experiment.experiment)
+app.command("export")(export.export)
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(cache_cmd.app, name="cache")
 

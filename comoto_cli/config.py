@@ -362,12 +362,12 @@ class PredictConfig(StrictModel):
     # The output formats' names. Their registry, comoto_cli.inference.formats, adds each name here as it registers
     # it (a layer above this module, which cannot import it); the built-in ones are valid from the start, as for
     # ModelConfig.backbone_names.
-    format_names: ClassVar[list[str]] = ["csv", "json"]
+    format_names: ClassVar[list[str]] = ["csv", "json", "dicom-sr"]
 
     checkpoint: Path | None = Field(None, description="detector checkpoint (best.pt of train-teacher or distill)")
     inputs: list[Path] = Field(default_factory=list)
-    out: Path | None = Field(None, description="output file, in `format`")
-    format: str = Field("csv", description="output file format, a registered one (built in: csv, json): "
+    out: Path | None = Field(None, description="output file, in `format` (a folder for dicom-sr)")
+    format: str = Field("csv", description="output file format, a registered one (built in: csv, json, dicom-sr): "
                         "`comoto predict --help` lists them")
     overlays: Path | None = None
     inference: InferenceConfig = InferenceConfig()

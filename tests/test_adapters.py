@@ -34,7 +34,7 @@ def test_the_built_in_adapters_are_registered_and_chosen_as_before():
 
 
 @pytest.mark.parametrize("settings, needle", [
-    ({"modality": "mammo", "dataset": "cbis-ddsm"}, "dataset: unknown dataset 'cbis-ddsm'; registered: bcs-dbt"),
+    ({"modality": "mammo", "dataset": "no-such-set"}, "dataset: unknown dataset 'no-such-set'; registered: bcs-dbt"),
     ({"modality": "dbt", "dataset": "jsonl"}, "comoto preprocess mammo"),
     ({"modality": "mammo", "dataset": "vindr", "inputs": {"manifest": "a.jsonl"}}, "takes no input named manifest"),
 ])

@@ -186,8 +186,10 @@ def test_missing_decoder_package_is_one_line_naming_it(tmp_path, capfd, monkeypa
     gdcm_encode(native, root / "a.dcm", "JPEGLSLossless")
     _manifest(root, "a.dcm")
     decoders.register()
-    decoder = get_decoder(JPEGLSLossless)  # as on a machine without python-gdcm: JPEG-LS has no decoder left
-    monkeypatch.setattr(decoder, "_available", {k: v for k, v in decoder._available.items() if k != "gdcm"})
+    # As on a machine without python-gdcm and pyjpegls (highdicom's dependency): JPEG-LS has no decoder left.
+    decoder = get_decoder(JPEGLSLossless)
+    monkeypatch.setattr(decoder, "_available",
+                        {k: v for k, v in decoder._available.items() if k not in ("gdcm", "pyjpegls")})
     out = tmp_path / "out" / "m.h5"
     code, err = _run(_preprocess(root, out), capfd)
     lines = err.strip().splitlines()

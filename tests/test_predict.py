@@ -297,7 +297,7 @@ def test_output_formats_are_registered_writers(tmp_path):
         raise RuntimeError("writer failed")
 
     # The config knows the built-in names before the registry is imported; each of them has a writer.
-    assert [f.name for f in formats.registered_formats()] == PredictConfig.format_names == ["csv", "json"]
+    assert [f.name for f in formats.registered_formats()] == PredictConfig.format_names == ["csv", "json", "dicom-sr"]
     register_format("tsv", write_tsv, description="tab-separated, no header")
     register_format("broken", broken)
     try:

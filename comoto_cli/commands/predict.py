@@ -19,7 +19,8 @@ def predict(
     checkpoint: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         "--checkpoint", help="Trained checkpoint (best.pt of train-teacher or distill).", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option(  # noqa: UP045
-        "--out", help="Output file, in --format.", show_default=False)] = None,
+        "--out", help="Output file, in --format; a folder for folder formats (dicom-sr: one DICOM SR per input).",
+        show_default=False)] = None,
     fmt: Annotated[Optional[str], typer.Option(  # noqa: UP045
         "--format", help=f"Output format: {formats_help()}.", show_default=False)] = None,
     overlays: Annotated[Optional[Path], typer.Option(  # noqa: UP045

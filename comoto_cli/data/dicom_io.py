@@ -398,7 +398,6 @@ def decode_problem(exc: BaseException, transfer_syntax) -> str:
     from pydicom.pixels import get_decoder
     from pydicom.uid import UID
 
-
     syntax = UID(str(transfer_syntax)) if transfer_syntax else None
     name = syntax.name if syntax is not None else "DICOM"
     if syntax is not None:

@@ -7,7 +7,8 @@ Input tables (as the public datasets ship them)
     * BCS-DBT file paths, labels and boxes (one row per view, per view, per lesion), keyed by
       (PatientID, StudyUID, View) -- the adapters in :mod:`comoto_cli.data.sources` read them;
     * VinDr-Mammo ``finding_annotations.csv`` (one row per finding) and ``breast-level_annotations.csv``;
-    * the generic mammography manifest (one row per box).
+    * the generic mammography manifest (one row per box);
+    * the CBIS-DDSM description CSVs (one row per abnormality, its box in an ROI mask DICOM).
 
 Output tables (written by this CLI)
     * the DBTex submission (one row per 3-D detection), the challenge's own format;
@@ -243,3 +244,39 @@ def write_image_predictions(path: str | Path, predictions: Mapping[str, Sequence
         for i in range(count)
     )
     write_csv_atomic(path, IMAGE_PREDICTION_COLUMNS, records)
+
+
+# ============================================================================================== CBIS-DDSM
+#: CBIS-DDSM description CSVs as TCIA publishes them (``mass_case_description_train_set.csv``, ...): one row per
+#: abnormality. The TCIA file names; the adapter finds the files by their columns, so a renamed copy reads too.
+CBIS_DDSM_CSV_NAMES = (
+    "mass_case_description_train_set.csv", "mass_case_description_test_set.csv",
+    "calc_case_description_train_set.csv", "calc_case_description_test_set.csv",
+)
+#: The mass CSVs' columns, in the release's order (the density column is spelt ``breast_density`` here).
+CBIS_DDSM_MASS_COLUMNS = (
+    "patient_id", "breast_density", "left or right breast", "image view", "abnormality id", "abnormality type",
+    "mass shape", "mass margins", "assessment", "pathology", "subtlety", "image file path", "cropped image file path",
+    "ROI mask file path",
+)
+#: The calcification CSVs' columns, in the release's order (``breast density``, with a space).
+CBIS_DDSM_CALC_COLUMNS = (
+    "patient_id", "breast density", "left or right breast", "image view", "abnormality id", "abnormality type",
+    "calc type", "calc distribution", "assessment", "pathology", "subtlety", "image file path",
+    "cropped image file path", "ROI mask file path",
+)
+#: What the CBIS-DDSM adapter reads (and how it finds the CSVs): ``patient_id`` (``P_00001``), ``left or right
+#: breast`` (LEFT / RIGHT), ``image view`` (CC / MLO), ``abnormality id`` (1, 2, ... within the image),
+#: ``abnormality type`` (mass / calcification), ``pathology`` (one of :data:`CBIS_DDSM_PATHOLOGIES`), ``image file
+#: path`` and ``ROI mask file path`` (``<subject folder>/<study UID>/<series UID>/000000.dcm``: only the first
+#: folder is trusted, the TCIA download names the rest differently). The ROI folder also holds the cropped image.
+CBIS_DDSM_REQUIRED_COLUMNS = (
+    "patient_id", "left or right breast", "image view", "abnormality id", "abnormality type", "pathology",
+    "image file path", "ROI mask file path",
+)
+#: Read when present: the cropped image's path, whose first folder is searched for the mask too.
+CBIS_DDSM_OPTIONAL_COLUMNS = ("cropped image file path",)
+#: ``abnormality type`` values, as the release writes them, and the subject-folder prefix each goes with.
+CBIS_DDSM_ABNORMALITY_TYPES = {"mass": "Mass", "calcification": "Calc"}
+#: ``pathology`` values; a lesion's class is ``<abnormality type>-<pathology>``, e.g. ``mass-MALIGNANT``.
+CBIS_DDSM_PATHOLOGIES = ("MALIGNANT", "BENIGN", "BENIGN_WITHOUT_CALLBACK")

@@ -23,12 +23,12 @@ import numpy as np
 from comoto_cli.config import InferenceConfig, PredictConfig
 from comoto_cli.data.dicom_io import open_dicom_image, view_from_dataset
 from comoto_cli.errors import ComotoError, InputDataError, UsageError
-from comoto_cli.inference.formats import write_output
+from comoto_cli.inference.formats import PredictRun, get_format, write_output
 from comoto_cli.inference.volume import detect_volume, detections_to_dbtex
 from comoto_cli.networks.checkpoint import load_detector
 from comoto_cli.transforms.geometry import cache_to_official
 from comoto_cli.transforms.resize import resize_area
-from comoto_cli.utils.atomic import atomic_path, ensure_writable_dir
+from comoto_cli.utils.atomic import atomic_path, ensure_writable_dir, sha256_file
 from comoto_cli.utils.system import pick_device
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -148,11 +148,16 @@ class ResizedVolume:
 
 @dataclass
 class InputPrediction:
+    """One input's detections: ``rows`` are DBTex columns in the official frame; ``image_shape`` is (slices, rows,
+    cols) for 'dbt', (rows, cols) for 'mammo'; ``flipped``: the official reader rotated the stored pixels by 180
+    degrees (docs/design.md section 1), so the stored frame is the official one turned back."""
+
     path: Path
     kind: str
     keys: dict[str, str]
     rows: dict[str, np.ndarray]
     image_shape: tuple[int, ...] = field(default_factory=tuple)
+    flipped: bool = False
 
 
 def detect_dicom_image(model, image, kind: str, config: InferenceConfig, device) -> dict[str, np.ndarray]:
@@ -247,7 +252,8 @@ def detect_files(model, paths: list[Path], config: InferenceConfig, device, *, o
             with _InputErrors(path, broad=False):
                 rows = detect_dicom_image(model, image, kind, config, device)
             result = InputPrediction(path=path, kind=kind, keys=keys, rows=rows,
-                                     image_shape=tuple(int(v) for v in image.shape))
+                                     image_shape=tuple(int(v) for v in image.shape),
+                                     flipped=bool(getattr(image, "flipped", False)))
             if overlays is not None:
                 with _InputErrors(path, broad=False):
                     write_overlay(overlays / names[index], image, kind, result)
@@ -357,11 +363,16 @@ def run_predict(config: PredictConfig, progress: bool = True) -> tuple[list[dict
 
     config.require("checkpoint", "out", needed_by="predict")
     paths = collect_inputs(list(config.inputs))
+    output = get_format(config.format)
+    output.resolve()  # a writer registered by module name is imported now, not after the last input
     model, _metadata = load_detector(config.checkpoint, map_location="cpu")
+    # A folder format (the DICOM SR) records the checkpoint it ran by its SHA-256.
+    run = PredictRun(checkpoint=config.checkpoint,
+                     checkpoint_sha256=sha256_file(config.checkpoint) if output.folder else "")
     if config.overlays is not None:
         ensure_writable_dir(config.overlays)
     results = detect_files(model, paths, config.inference, pick_device(), overlays=config.overlays,
                            progress=progress, accept_modality=tuple(config.accept_modality))
     table = records(results)
-    write_output(config.out, table, config.format)
+    write_output(config.out, table, config.format, predictions=results, run=run)
     return table, len(paths)

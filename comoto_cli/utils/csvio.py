@@ -118,9 +118,12 @@ def read_csv(path: str | Path, required: Sequence[str], optional: Iterable[str] 
     positions = {name: header.index(name) for name in wanted}
     columns: dict[str, list[str]] = {name: [] for name in wanted}
     rows: list[int] = []
+    end = reader.line_num  # the header's last line
     try:
         for record in reader:
-            line = reader.line_num
+            # A record starts on the line after the previous one ends: a quoted cell may hold newlines, and a
+            # spreadsheet numbers the record by its first line (csv's line_num is its last).
+            line, end = end + 1, reader.line_num
             if not record or all(cell.strip() == "" for cell in record):
                 continue
             if len(record) != len(header):
