@@ -157,10 +157,8 @@ def test_jsonl_records(tmp_path):
 # ---------------------------------------------------------------------------------------------- a new dataset
 @pytest.fixture
 def registration_ends_with_the_test():
-    saved = dict(base._REGISTRY)
-    yield
-    base._REGISTRY.clear()
-    base._REGISTRY.update(saved)
+    with base._REGISTRY.restored():
+        yield
 
 
 def test_a_dataset_is_one_adapter_class_plus_its_registration(tmp_path, monkeypatch,

@@ -145,11 +145,8 @@ def test_best_metric_is_checked_before_training(tmp_path, tiny_caches, tiny_teac
 @pytest.fixture
 def registry_restored():
     """Modes registered by a test are forgotten after it."""
-    registered, names = dict(modes._MODES), list(DistillConfig.mode_names)
-    yield
-    modes._MODES.clear()
-    modes._MODES.update(registered)
-    DistillConfig.mode_names[:] = names
+    with modes._MODES.restored():
+        yield
 
 
 def _build_mean_match(setup: modes.ModeSetup):

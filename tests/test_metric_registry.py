@@ -26,10 +26,8 @@ VOLUME_METRICS = ("sensitivity_at_2_fps_all", "sensitivity_at_1_fps_positive", "
 @pytest.fixture
 def registry_restored():
     """Metric families registered by a test are forgotten after it."""
-    registered = dict(registry._FAMILIES)
-    yield
-    registry._FAMILIES.clear()
-    registry._FAMILIES.update(registered)
+    with registry._FAMILIES.restored():
+        yield
 
 
 def test_built_in_families_give_the_validation_keys_in_order():

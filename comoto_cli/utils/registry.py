@@ -10,6 +10,8 @@ and cannot import the plug-ins' modules. ``known`` is that list; registering a n
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Generic, TypeVar
 
 from comoto_cli.errors import UsageError
@@ -40,3 +42,15 @@ class Registry(dict[str, T], Generic[T]):
         except KeyError:
             prefix = f"{self.field}: " if self.field else ""
             raise UsageError(f"{prefix}unknown {self.kind} {name!r}; registered: {', '.join(self)}") from None
+
+    @contextmanager
+    def restored(self) -> Iterator[Registry[T]]:
+        """Entries and known names as they were on entry, again on exit: a registration scoped to a block (tests)."""
+        entries, known = dict(self), None if self.known is None else list(self.known)
+        try:
+            yield self
+        finally:
+            self.clear()
+            self.update(entries)
+            if known is not None:
+                self.known[:] = known
