@@ -13,14 +13,13 @@ built-in mode therefore names its factory as ``"module:function"``, imported whe
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from comoto_cli.config import DistillConfig
-from comoto_cli.utils.registry import Registry
+from comoto_cli.utils.registry import Registry, is_code_name, resolve
 
 
 @dataclass(frozen=True)
@@ -68,10 +67,7 @@ class DistillMode:
 
     def factory(self) -> Build | None:
         """``build`` as a callable; a "module:function" name is imported now, as a run starts."""
-        if not isinstance(self.build, str):
-            return self.build
-        module, _, function = self.build.partition(":")
-        return getattr(importlib.import_module(module), function)
+        return None if self.build is None else resolve(self.build)
 
 
 _MODES: Registry[DistillMode] = Registry("distillation mode", "mode", DistillConfig.mode_names)
@@ -84,7 +80,7 @@ def register_mode(mode: DistillMode) -> DistillMode:
         raise ValueError(f"mode name {mode.name!r}: lower-case letters, digits, '_' and '-' only")
     if mode.init not in ("fresh", "teacher") or mode.teacher_images not in (None, "all", "lesions"):
         raise ValueError(f"mode {mode.name!r}: init must be fresh|teacher, teacher_images all|lesions|None")
-    if isinstance(mode.build, str) and not re.fullmatch(r"[\w.]+:\w+", mode.build):
+    if isinstance(mode.build, str) and not is_code_name(mode.build):
         raise ValueError(f"mode {mode.name!r}: build must be a callable or 'module:function'")
     if mode.teacher_images is not None and mode.build is None:
         raise ValueError(f"mode {mode.name!r}: teacher_images without build: nothing would read the teacher batches")

@@ -26,7 +26,6 @@ No torch here: the CLI reads this module for its help.
 from __future__ import annotations
 
 import csv
-import importlib
 import json
 import os
 import re
@@ -42,7 +41,7 @@ from comoto_cli.config import PredictConfig
 from comoto_cli.data.tables import PREDICT_COLUMNS
 from comoto_cli.errors import ComotoError
 from comoto_cli.utils.atomic import all_or_nothing, atomic_path, ensure_writable_dir
-from comoto_cli.utils.registry import Registry
+from comoto_cli.utils.registry import Registry, is_code_name, resolve
 
 Writer = Callable[[Path, list[dict]], None]
 # writer(folder, predictions, run): predictions are InputPrediction objects (comoto_cli.inference.predict).
@@ -72,10 +71,7 @@ class OutputFormat:
 
     def resolve(self) -> Callable:
         """The writer itself, importing its module when it was registered by name."""
-        if callable(self.writer):
-            return self.writer
-        module, _, function = self.writer.partition(":")
-        return getattr(importlib.import_module(module), function)
+        return resolve(self.writer)
 
 
 _FORMATS: Registry[OutputFormat] = Registry("output format", "format", PredictConfig.format_names)
@@ -89,7 +85,7 @@ def register_format(name: str, writer: Writer | FolderWriter | str, *, descripti
         raise ValueError(f"format name {name!r}: lower-case letters, digits, '_', '.' and '-' only")
     if name in _FORMATS:
         raise ValueError(f"an output format {name!r} is already registered")
-    by_name = isinstance(writer, str) and re.fullmatch(r"[\w.]+:\w+", writer)
+    by_name = is_code_name(writer)
     if not (callable(writer) or by_name):
         signature = "writer(folder, predictions, run)" if folder else "writer(path, records)"
         raise ValueError(f"format {name!r}: writer must be a callable {signature} or a 'module:function' string")

@@ -18,7 +18,6 @@ built-in backbone therefore names its builder as ``"module:function"``, imported
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from comoto_cli.config import ModelConfig
 from comoto_cli.errors import UsageError
-from comoto_cli.utils.registry import Registry
+from comoto_cli.utils.registry import Registry, is_code_name, resolve
 
 if TYPE_CHECKING:  # annotations only: importing torch here would slow `comoto --help`
     from collections import OrderedDict
@@ -75,10 +74,7 @@ class BackboneSpec:
 
     def factory(self) -> Builder:
         """``builder`` as a callable; a "module:function" name is imported now, as a model is first built."""
-        if not isinstance(self.builder, str):
-            return self.builder
-        module, _, function = self.builder.partition(":")
-        return getattr(importlib.import_module(module), function)
+        return resolve(self.builder)
 
 
 _BACKBONES: Registry[BackboneSpec] = Registry("backbone", "model.backbone", ModelConfig.backbone_names)
@@ -88,7 +84,7 @@ def register_backbone(name: str, builder: Builder | str) -> BackboneSpec:
     """Make backbone ``name`` known to the detector, ``--backbone`` and the config's validation."""
     if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", name):
         raise ValueError(f"backbone name {name!r}: lower-case letters, digits, '_', '.' and '-' only")
-    if isinstance(builder, str) and not re.fullmatch(r"[\w.]+:\w+", builder):
+    if isinstance(builder, str) and not is_code_name(builder):
         raise ValueError(f"backbone {name!r}: builder must be a callable or 'module:function'")
     if not isinstance(builder, str) and not callable(builder):
         raise ValueError(f"backbone {name!r}: builder must be a callable or 'module:function'")

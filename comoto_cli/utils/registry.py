@@ -10,13 +10,31 @@ and cannot import the plug-ins' modules. ``known`` is that list; registering a n
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import importlib
+import re
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Generic, TypeVar
 
 from comoto_cli.errors import UsageError
 
 T = TypeVar("T")
+
+# A plug-in's code named by string, so that a registry module imports nothing heavy (no torch for `comoto --help`).
+_BY_NAME = re.compile(r"[\w.]+:\w+")
+
+
+def is_code_name(target: object) -> bool:
+    """``target`` is a ``"module:function"`` string naming a callable."""
+    return isinstance(target, str) and _BY_NAME.fullmatch(target) is not None
+
+
+def resolve(target: Callable | str) -> Callable:
+    """``target`` itself, or the callable a ``"module:function"`` string names (its module imported now)."""
+    if not isinstance(target, str):
+        return target
+    module, _, function = target.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 class Registry(dict[str, T], Generic[T]):
