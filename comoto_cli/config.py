@@ -125,7 +125,8 @@ class PreprocessConfig(StrictModel):
     accept_modality: AcceptModality = Field([], description=_ACCEPT_HELP)
     dataset: str | None = Field(
         None, description="dataset adapter reading ROOT, by name (comoto_cli.data.adapters), e.g. bcs-dbt, vindr, "
-        "manifest, jsonl; default: bcs-dbt for dbt; for mammo manifest when manifest_csv is given, else vindr")
+        "manifest, jsonl, cbis-ddsm, omidb, inbreast; default: bcs-dbt for dbt; for mammo manifest when manifest_csv "
+        "is given, else vindr")
     inputs: dict[str, Path] = Field(
         {}, description='input files of the dataset adapter by name, e.g. {"manifest": "images.jsonl"} for jsonl '
         "(command line: --input NAME=PATH)")
@@ -353,6 +354,9 @@ class EvaluateConfig(StrictModel):
     labels: Path | None = None
     froc: bool = True
     out: Path | None = Field(None, description="output folder: metrics.json, froc.png, predictions.csv")
+    report: bool = Field(False, description="also write report.html: metrics, FROC, a card per lesion and the top "
+                         "false positives of each view (DBT; pictures from `cache`)")
+    report_false_positives: int = Field(2, ge=0, description="false positives shown per view in report.html")
     bootstrap: int = Field(1000, ge=0, description="patient bootstrap resamples for the 95% interval (0 = off)")
     seed: int = Field(0, ge=0)
     inference: InferenceConfig = InferenceConfig()

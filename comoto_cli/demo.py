@@ -1,6 +1,6 @@
 """`make demo`: the whole method on synthetic data, as a newcomer would type it.
 
-synth -> preprocess dbt + mammo -> train-teacher (ImPA) -> distill (LsKD) -> evaluate --froc.
+synth -> preprocess dbt + mammo -> train-teacher (ImPA) -> distill (LsKD) -> evaluate --froc --report.
 Each step is the real `comoto` command (printed before it runs); a finished step is not redone when its output
 exists, so an interrupted demo resumes where it stopped.
 """
@@ -82,10 +82,11 @@ def main(folder: str = "demo_data") -> None:
               "--teacher-cache", str(root / "mammo.h5"), "--out", str(runs / "student"), "--mode", "lesion",
               "--config", str(CONFIGS / "demo-student.json"), *resume])
     _run(["evaluate", "--checkpoint", str(runs / "student" / "best.pt"), "--cache", str(root / "dbt.h5"),
-          "--split", "test", "--froc", "--out", str(root / "evaluation")])
+          "--split", "test", "--froc", "--report", "--out", str(root / "evaluation")])
     print(f"\nDemo finished in {(time.perf_counter() - started) / 60:.1f} min.")
     print(verdict(runs / "teacher", root / "evaluation" / "metrics.json"))
-    print(f"FROC curve: {root / 'evaluation' / 'froc.png'}; metrics: {root / 'evaluation' / 'metrics.json'}")
+    print(f"FROC curve: {root / 'evaluation' / 'froc.png'}; metrics: {root / 'evaluation' / 'metrics.json'}; "
+          f"every lesion and the top false positives: {root / 'evaluation' / 'report.html'}")
 
 
 if __name__ == "__main__":

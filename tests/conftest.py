@@ -245,3 +245,31 @@ def kill_after_first_part():
         assert running and process.returncode == -signal.SIGKILL  # killed mid-run, not finished
 
     return kill
+
+
+# ---------------------------------------------------------------------------------------------- mammogram DICOMs
+def write_mammogram_dicom(path: Path, pixels: np.ndarray, *, patient: str, study: str, view: str,
+                          intent: str = "FOR PRESENTATION", uid: str | None = None) -> None:
+    """A Digital Mammography (For Presentation) DICOM as the mammography datasets store them: 12 of 16 bits,
+    MONOCHROME2, ``view`` such as ``lcc`` written as ImageLaterality + ViewPosition (the adapters' tests)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    sop_class = "1.2.840.10008.5.1.4.1.1.1.2"
+    uid = uid or generate_uid(entropy_srcs=[str(path)])
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, uid
+    ds.Modality, ds.PatientID, ds.StudyInstanceUID = "MG", patient, study
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[study, "series"])
+    ds.ImageLaterality, ds.ViewPosition = view[0].upper(), view[1:].upper()
+    ds.PresentationIntentType = intent
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = np.ascontiguousarray(pixels.astype(np.uint16)).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)

@@ -31,6 +31,12 @@ def evaluate(
     boxes: Path | None = typer.Option(None, "--boxes", help="Ground-truth boxes CSV (BCS-DBT layout)."),
     labels: Path | None = typer.Option(None, "--labels", help="Volume labels CSV (BCS-DBT layout)."),
     froc: bool | None = typer.Option(None, "--froc/--no-froc", help="Write froc.png \\[default: --froc]."),
+    report: bool | None = typer.Option(
+        None, "--report/--no-report",
+        help="Also write report.html: a card per lesion and the top false positives per view, pictures from "
+        "--cache (DBT) \\[default: --no-report]."),
+    report_false_positives: int | None = typer.Option(
+        None, "--report-false-positives", help="False positives shown per view in report.html \\[default: 2]."),
     out: Path | None = typer.Option(None, "--out", help="Output folder: metrics.json, froc.png, predictions.csv."),
     bootstrap: int | None = typer.Option(
         None, "--bootstrap", help="Patient bootstrap resamples for the 95% interval, 0 = off \\[default: 1000]."
@@ -43,7 +49,8 @@ def evaluate(
 
     Either [bold]--predictions P.csv --boxes B.csv --labels L.csv --out DIR[/], or
     [bold]--checkpoint best.pt --cache CACHE.h5 --out DIR[/] (runs volume inference on --split first).
-    Writes DIR/metrics.json, DIR/froc.png and DIR/predictions.csv.
+    Writes DIR/metrics.json, DIR/froc.png and DIR/predictions.csv; with [bold]--report[/] also DIR/report.html
+    (with --predictions, give --cache to show the lesions' slices).
     """
     settings = resolve_config(
         EvaluateConfig,
@@ -55,6 +62,8 @@ def evaluate(
         boxes=boxes,
         labels=labels,
         froc=froc,
+        report=report,
+        report_false_positives=report_false_positives,
         out=out,
         bootstrap=bootstrap,
         seed=seed,
@@ -64,11 +73,14 @@ def evaluate(
     model_inputs = {"--checkpoint": settings.checkpoint, "--cache": settings.cache}
     given_csv = [name for name, value in csv_inputs.items() if value is not None]
     given_model = [name for name, value in model_inputs.items() if value is not None]
-    if settings.predictions is not None and given_model:
-        raise UsageError(f"--predictions cannot be combined with {' and '.join(given_model)}: score a CSV or a model")
+    if settings.predictions is not None and settings.checkpoint is not None:
+        raise UsageError("--predictions cannot be combined with --checkpoint: score a CSV or a model")
+    if settings.predictions is not None and settings.cache is not None and not settings.report:
+        raise UsageError("--predictions with --cache: the cache only supplies report.html's pictures; add --report "
+                         "(or evaluate a model with --checkpoint and --cache)")
     if not given_csv and not given_model:
         raise UsageError("nothing to evaluate: give --predictions, --boxes and --labels, or --checkpoint and --cache")
-    if settings.predictions is None and not given_model:
+    if settings.predictions is None and settings.checkpoint is None and given_csv:
         raise UsageError(f"{'/'.join(given_csv)} only apply with --predictions "
                          "(or evaluate a model with --checkpoint and --cache)")
     if settings.predictions is not None and (split is not None or batch_size is not None):
@@ -91,20 +103,20 @@ def evaluate(
 
 
 def _evaluate_csv(settings: EvaluateConfig) -> None:
+    from comoto_cli.evaluation.html_report import write_csv_report
     from comoto_cli.metrics.dbtex import read_dbtex_csvs
     from comoto_cli.metrics.report import write_dbtex_report
 
     tables = read_dbtex_csvs(settings.predictions, settings.boxes, settings.labels)
     out_dir = Path(settings.out)
-    write_dbtex_report(
-        out_dir,
-        tables,
-        settings.bootstrap,
-        settings.seed,
-        froc=settings.froc,
-        console=console,
-        extra={"inputs": {name: str(getattr(settings, name)) for name in ("predictions", "boxes", "labels")}},
-    )
+    inputs = {name: str(getattr(settings, name)) for name in ("predictions", "boxes", "labels")}
+    payload = write_dbtex_report(out_dir, tables, settings.bootstrap, settings.seed, froc=settings.froc,
+                                 console=console, extra={"inputs": inputs})
     _copy_atomic(Path(settings.predictions), out_dir / "predictions.csv")
     written = ["metrics.json", "froc.png", "predictions.csv"] if settings.froc else ["metrics.json", "predictions.csv"]
+    if settings.report:
+        if settings.cache is not None:
+            inputs["cache"] = str(settings.cache)
+        write_csv_report(out_dir, tables, payload, settings.cache, inputs, settings.report_false_positives)
+        written.append("report.html")
     console.print(f"wrote {', '.join(str(out_dir / name) for name in written)}")

@@ -71,7 +71,7 @@ _CSV_HELP = ("BCS-DBT {what} CSV (default: found in ROOT by its columns). Repeat
 _ACCEPT_HELP = ("Read Secondary Capture / generic X-ray images with this Modality (e.g. RG: digitised film) as "
                 "mammograms: you vouch that they are. Repeatable. Default: only Modality MG.")
 _DATASET_HELP = ("Dataset adapter reading ROOT, by name (comoto_cli.data.adapters): bcs-dbt for dbt; vindr, manifest, "
-                 "jsonl, cbis-ddsm for mammo. Default: bcs-dbt for dbt; for mammo manifest with --manifest-csv, "
+                 "jsonl, cbis-ddsm, omidb, inbreast for mammo. Default: bcs-dbt for dbt; for mammo manifest with --manifest-csv, "
                  "else vindr.")
 _INPUT_HELP = ("An input file of the dataset adapter, e.g. manifest=images.jsonl for --dataset jsonl. Repeatable.")
 _DECODER_HELP = ("JPEG 2000 decoder: auto (pylibjpeg-openjpeg: most frames per core), pylibjpeg, gdcm or pillow. "

@@ -22,6 +22,7 @@ from comoto_cli.data.tables import (
     write_image_predictions,
 )
 from comoto_cli.errors import CheckpointError, UsageError
+from comoto_cli.evaluation.html_report import require_dbt_cache, write_evaluation_report
 from comoto_cli.evaluation.validation import detect_images, detection_metrics, ground_truth_boxes
 from comoto_cli.inference.volume import detect_cache, forward_batch_size
 from comoto_cli.metrics.dbtex import DbtexTables
@@ -73,8 +74,13 @@ def _evaluate_dbt(model, cache, config: EvaluateConfig, out: Path, device, progr
     boxes, labels = dbtex_ground_truth(cache, config.split)
     tables = DbtexTables(predictions=predictions, boxes=boxes, labels=labels)
     write_dbtex_predictions(out / "predictions.csv", predictions)
-    return write_dbtex_report(out, tables, bootstrap=config.bootstrap, seed=config.seed, froc=config.froc,
-                              extra={"checkpoint": str(config.checkpoint), "split": config.split})
+    inputs = {"checkpoint": str(config.checkpoint), "split": config.split}
+    payload = write_dbtex_report(out, tables, bootstrap=config.bootstrap, seed=config.seed, froc=config.froc,
+                                 extra=inputs)
+    if config.report:
+        write_evaluation_report(out, tables, payload, cache=cache, inputs={**inputs, "cache": str(config.cache)},
+                                false_positives_per_view=config.report_false_positives, progress=progress)
+    return payload
 
 
 def _write_image_predictions(path: Path, cache, rows, predictions) -> None:
@@ -141,6 +147,8 @@ def evaluate_checkpoint(config: EvaluateConfig, progress: bool = True) -> dict:
         raise UsageError(f"cache has no {config.split!r} volumes to evaluate", path=config.cache)
     model, _metadata = load_detector(config.checkpoint, map_location="cpu")
     check_image_size(model, cache, config.checkpoint)
+    if config.report:
+        require_dbt_cache(cache)
     out = ensure_writable_dir(config.out)
     device = pick_device()
     model.to(device)

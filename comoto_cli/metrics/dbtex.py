@@ -361,6 +361,24 @@ def dbtex_counts(tables: DbtexTables) -> dict[str, int]:
     }
 
 
+def prediction_hits(tables: DbtexTables) -> np.ndarray:
+    """(P,) the row of the boxes table each prediction hits under the official rule, -1 for a false positive."""
+    return _match(tables).pred_gt
+
+
+def operating_threshold(tables: DbtexTables, fps_per_volume: float = 2.0) -> float:
+    """The lowest official threshold at which the 'positive' pass makes at most ``fps_per_volume`` false
+    positives per volume: a prediction scoring at least this is counted at that operating point (the score
+    interpolates between FROC points, so a lesion found just below it still adds a fraction there)."""
+    matched = _match(tables)
+    _check_denominators(tables, matched)
+    thresholds = official_thresholds(matched.pred_score, matched.pred_gt >= 0)
+    false_pos = matched.pred_positive & (matched.pred_gt < 0)
+    n_fp = _weighted_count_at_least(matched.pred_score[false_pos], np.ones(int(false_pos.sum()), np.int64), thresholds)
+    allowed = thresholds[n_fp / int(matched.label_positive.sum()) <= fps_per_volume]
+    return float(allowed.min()) if allowed.size and np.isfinite(allowed.min()) else float("inf")
+
+
 # ---------------------------------------------------------------------------------------------- bootstrap
 def bootstrap_mean_sensitivity(
     tables: DbtexTables,

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -37,6 +38,14 @@ def _bootstrap_with_progress(tables: DbtexTables, n: int, seed: int, console: Co
     ) as progress:
         task = progress.add_task("bootstrap", total=n)
         return bootstrap_mean_sensitivity(tables, n, seed, progress=lambda done: progress.update(task, completed=done))
+
+
+def froc_curves(tables: DbtexTables) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The 'all' and 'positive' FROC curves up to 4 false positives per volume, as froc.png draws them."""
+    return {
+        "all": froc_points(tables, positive_only=False, max_fps=4.0),
+        "positive": froc_points(tables, positive_only=True, max_fps=4.0),
+    }
 
 
 def metrics_table(payload: dict[str, Any], title: str = "DBTex metrics") -> Table:
@@ -81,12 +90,7 @@ def write_dbtex_report(
     if extra:
         payload.update(extra)
     if froc:
-
-        curves = {
-            "all": froc_points(tables, positive_only=False, max_fps=4.0),
-            "positive": froc_points(tables, positive_only=True, max_fps=4.0),
-        }
-        plot_froc(out_dir / "froc.png", curves, marks=(1, 2, 3, 4), title="DBTex FROC")
+        plot_froc(out_dir / "froc.png", froc_curves(tables), marks=(1, 2, 3, 4), title="DBTex FROC")
     write_json_atomic(out_dir / "metrics.json", payload)
     console.print(metrics_table(payload))
     return payload

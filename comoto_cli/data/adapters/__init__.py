@@ -3,7 +3,7 @@
 Importing this package registers the built-in adapters; a new dataset is one module here plus its import below.
 """
 
-from comoto_cli.data.adapters import bcs_dbt, cbis_ddsm, jsonl, manifest, vindr  # noqa: F401 - importing registers them
+from comoto_cli.data.adapters import bcs_dbt, cbis_ddsm, inbreast, jsonl, manifest, omidb, vindr  # noqa: F401 - importing registers them
 from comoto_cli.data.adapters.base import (
     DatasetAdapter,
     ImageAdapter,
