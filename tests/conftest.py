@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -273,3 +274,27 @@ def write_mammogram_dicom(path: Path, pixels: np.ndarray, *, patient: str, study
     ds.PixelData = np.ascontiguousarray(pixels.astype(np.uint16)).tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
+
+
+# ---------------------------------------------------------------------------------------------- real mammograms
+# Two encodings of one real mammogram (NEMA MG1, 4664 x 3064, Secondary Capture, Modality RG) beside the repository;
+# never committed. Tests that need them skip with the reason where they are absent.
+def _real_folder() -> Path | None:
+    for folder in (Path(__file__).resolve().parents[2] / "shared" / "data" / "real-mammograms",
+                   Path("/work/shared/data/real-mammograms")):
+        if (folder / "MG1_J2KI.dcm").is_file() and (folder / "MG1_JPLY.dcm").is_file():
+            return folder
+    return None
+
+
+@pytest.fixture
+def real(tmp_path) -> Path:
+    """Both real mammograms copied into a data root of this test (the shared folder is read-only)."""
+    folder = _real_folder()
+    if folder is None:
+        pytest.skip("the real mammograms (shared/data/real-mammograms beside the repository) are not here")
+    root = tmp_path / "data"
+    root.mkdir()
+    for name in ("MG1_J2KI.dcm", "MG1_JPLY.dcm"):
+        shutil.copyfile(folder / name, root / name)
+    return root

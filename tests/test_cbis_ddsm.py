@@ -294,6 +294,11 @@ def test_cache_boxes_are_the_mask_bounding_boxes_with_the_release_split(cbis, tm
     cache = SliceCache(tmp_path / "cbis.h5")
     index = list(cache.volumes["study_uid"]).index("Mass-Test_P_00003_LEFT_MLO")
     assert list(cache.lesions["class"][cache.lesions["volume"] == index]) == ["mass-BENIGN"]
+    # A ROI mask replaced by another (the same boxes here; what counts is that the file changed): rebuilt.
+    assert preprocess(root, tmp_path / "cbis.h5", config, progress=False)["up_to_date"]
+    mask = images["Mass-Test_P_00003_LEFT_MLO"].abnormalities[0].mask_file
+    mask.write_bytes(mask.read_bytes() + b"\0\0")
+    assert not preprocess(root, tmp_path / "cbis.h5", config, progress=False)["up_to_date"]
 
 
 def test_csvs_given_as_inputs_are_the_only_ones_read_and_are_fingerprinted(cbis, tmp_path):

@@ -340,3 +340,28 @@ def test_folder_formats_get_the_predictions_and_write_all_or_nothing(tmp_path):
         for name in ("per-input", "half"):
             formats._FORMATS.pop(name)
             formats.PredictConfig.format_names.remove(name)
+
+
+def test_sr_of_a_real_mammogram_matches_the_csv(checkpoint, real, tmp_path):
+    """The real NEMA mammogram (4664 x 3064, JPEG 2000, Secondary Capture with Modality RG): its SR reads back with
+    highdicom, referencing the image, with every box the CSV's (a mammogram's official frame is its stored one)."""
+    image = real / "MG1_J2KI.dcm"
+    common = ["predict", "--checkpoint", str(checkpoint), str(image), "--accept-modality", "RG"]
+    assert run_cli([*common, "--out", str(tmp_path / "preds.csv")]) == 0
+    assert run_cli([*common, "--out", str(tmp_path / "sr"), "--format", "dicom-sr"]) == 0
+    rows = csv_rows(tmp_path / "preds.csv")[str(image.resolve())]
+    assert rows, "the lifted-bias detector found nothing on the real mammogram"
+    (sr_file,) = sorted((tmp_path / "sr").iterdir())
+    sr = hd.sr.srread(sr_file)
+    source = pydicom.dcmread(image, stop_before_pixels=True)
+    assert sr.PatientID == source.PatientID and sr.StudyInstanceUID == source.StudyInstanceUID
+    groups = sr.content.get_planar_roi_measurement_groups()
+    assert len(groups) == len(rows)
+    for group, row in zip(groups, rows):
+        region, frames, measurement, referenced = group_values(group)
+        assert referenced == source.SOPInstanceUID and frames is None
+        x0, y0, x1, y1 = row["X"], row["Y"], row["X"] + row["Width"], row["Y"] + row["Height"]
+        assert 0 <= x0 < x1 <= source.Columns and 0 <= y0 < y1 <= source.Rows
+        np.testing.assert_allclose(np.asarray(region.value, dtype=np.float64),
+                                   [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], atol=1.2e-3, rtol=0)
+        assert math.isclose(measurement.value, row["Score"], rel_tol=1e-9, abs_tol=1e-12)

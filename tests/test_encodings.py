@@ -6,7 +6,6 @@ Modality RG) are read like pydicom / GDCM read them, refused by default and acce
 from __future__ import annotations
 
 import csv
-import shutil
 import warnings
 from pathlib import Path
 
@@ -223,27 +222,6 @@ def test_corrupt_stream_is_one_line_even_when_gdcm_talks(tmp_path, capfd, monkey
 
 
 # ----------------------------------------------------------------------------------------- real mammograms
-def _real_folder() -> Path | None:
-    for folder in (Path(__file__).resolve().parents[2] / "shared" / "data" / "real-mammograms",
-                   Path("/work/shared/data/real-mammograms")):
-        if (folder / "MG1_J2KI.dcm").is_file() and (folder / "MG1_JPLY.dcm").is_file():
-            return folder
-    return None
-
-
-@pytest.fixture
-def real(tmp_path) -> Path:
-    """Both real mammograms copied into a data root of this test (the shared folder is read-only)."""
-    folder = _real_folder()
-    if folder is None:
-        pytest.skip("the real mammograms (shared/data/real-mammograms beside the repository) are not here")
-    root = tmp_path / "data"
-    root.mkdir()
-    for name in ("MG1_J2KI.dcm", "MG1_JPLY.dcm"):
-        shutil.copyfile(folder / name, root / name)
-    return root
-
-
 def _voi_min_max(pixels: np.ndarray, ds) -> np.ndarray:
     """pydicom's own modality + VOI transform, then min-max to [0, 1] (the readers' documented output)."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut

@@ -162,6 +162,15 @@ def test_cache_boxes_sit_on_the_lesions(omidb, tmp_path):
     assert marked == sum(len(image.marks) for image in _kept(images))
     assert preprocess(root, tmp_path / "omidb.h5", PreprocessConfig(modality="mammo", **SMALL),
                       progress=False)["up_to_date"]
+    # A header JSON rewritten (the view of an image corrected): an input change, rebuilt with the new view.
+    header = root / "data" / images[0].client / images[0].study / f"{images[0].uid}.json"
+    document = json.loads(header.read_text())
+    document["00185101"]["Value"] = ["MLO"]
+    header.write_text(json.dumps(document))
+    assert not preprocess(root, tmp_path / "omidb.h5", PreprocessConfig(modality="mammo", **SMALL),
+                          progress=False)["up_to_date"]
+    cache = SliceCache(tmp_path / "omidb.h5")
+    assert cache.volumes["view"][list(cache.volumes["source"]).index(images[0].path)] == "lmlo"
 
 
 def _listing(root: Path, client: str) -> Path:

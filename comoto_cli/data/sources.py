@@ -53,6 +53,9 @@ class ImageRecord:  # one DBT volume or one mammogram
     csv: Path = Path()
     row: int = 0  # the file-path / image row that produced this record
     labels_csv: Path | None = None  # DBT: the labels CSV its label came from (an input of the cache too)
+    # Other files it was built from (e.g. ROI masks, header JSONs): stamped (size, mtime) into the cache's input
+    # fingerprint like the images, so replacing one rebuilds the cache.
+    extra_inputs: list[Path] = field(default_factory=list)
 
 
 Skipped = list[dict]
@@ -274,6 +277,6 @@ def mammo_records(root: Path, csv: Path, entries: list[tuple[str, dict]], skippe
         records.append(ImageRecord(
             patient_id=entry["patient"], study_uid=entry["study"], view=entry["view"], path=path, source=source,
             label="lesion" if entry["boxes"] else "normal", boxes=entry["boxes"], volume_slices=None,
-            split=entry["split"], csv=csv, row=entry["row"],
+            split=entry["split"], csv=csv, row=entry["row"], extra_inputs=list(entry.get("extra_inputs", [])),
         ))
     return records

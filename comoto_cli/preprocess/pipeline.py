@@ -329,6 +329,7 @@ def _fingerprint(adapter: DatasetAdapter, root: Path, config: PreprocessConfig, 
             listings.add(Path(record.labels_csv))
         listings.update(Path(box.csv) for box in record.boxes)
         images.add(_resolve(root, record.path))
+        images.update(Path(path) for path in record.extra_inputs)
     for entry in skipped or []:
         path = Path(entry["path"])
         # A skipped row names its listing (hashed: small) or, for an unreadable image, the image (stamped only).

@@ -17,8 +17,9 @@ box as pixel edges in the full image's stored frame. Split: the subject folder's
 is carved from the training patients). Class of every box: ``<abnormality type>-<pathology>``, e.g.
 ``mass-MALIGNANT``; the image's label is ``lesion``. Patient: ``patient_id`` (P_00001); study: the subject folder.
 
-The input fingerprint hashes the CSVs and stamps the full mammograms; the masks are read while discovering (all of
-them, on every run, on up to four threads) but are not stamped: a mask replaced by another is not noticed.
+The input fingerprint hashes the CSVs and stamps the full mammograms and the ROI masks used (size, modification
+time): a mask replaced by another rebuilds the cache. The masks are read while discovering (all of them, on every
+run, on up to four threads).
 """
 
 from __future__ import annotations
@@ -121,9 +122,9 @@ def read_cbis_ddsm(root: Path, *, csvs: list[Path] | None = None, skipped: Skipp
         if isinstance(outcome, InputDataError):
             report(skipped, outcome, image.csv, outcome.row if outcome.row is not None else image.row)
             continue
-        source, boxes = outcome
+        source, boxes, masks = outcome
         entry = {"patient": image.patient, "study": image.subject, "view": image.view, "split": image.split,
-                 "row": image.row, "boxes": boxes}
+                 "row": image.row, "boxes": boxes, "extra_inputs": masks}
         entries.setdefault(image.csv, []).append((source, entry))
     return [record for csv, listed in entries.items() for record in mammo_records(layout.root, csv, listed, skipped)]
 
@@ -278,17 +279,18 @@ class _Resolver:
         self.layout = layout
         self.accept_modality = accept_modality
 
-    def __call__(self, image: _Image) -> tuple[str, list[LesionBox]] | InputDataError:
+    def __call__(self, image: _Image) -> tuple[str, list[LesionBox], list[Path]] | InputDataError:
         row = image.row
         try:
             full = self._full_image(image)
             _, rows, cols = dicom_io.read_mammo_header(full, row=row, csv=image.csv,
                                                        accept_modality=self.accept_modality)
-            boxes = []
+            boxes, masks = [], []
             for key in sorted(image.abnormalities):
                 abnormality = image.abnormalities[key]
                 row = abnormality.row
-                mask = self._mask(abnormality, full, rows, cols)
+                mask_path, mask = self._mask(abnormality, full, rows, cols)
+                masks.append(mask_path)
                 boxes += [LesionBox(slice=0, x=float(x0), y=float(y0), width=float(x1 - x0), height=float(y1 - y0),
                                     cls=abnormality.cls, csv=image.csv, row=row)
                           for x0, y0, x1, y1 in component_boxes(mask)]
@@ -296,7 +298,7 @@ class _Resolver:
             return row_error(str(exc), image.csv, row)
         except InputDataError as exc:
             return exc
-        return full.relative_to(self.layout.root).as_posix(), boxes
+        return full.relative_to(self.layout.root).as_posix(), boxes, masks
 
     def _full_image(self, image: _Image) -> Path:
         folder = self.layout.folder(image.subject, "image")
@@ -310,8 +312,9 @@ class _Resolver:
             raise BadRow(f"no DICOM file under {folder} (the image file path's folder)")
         raise BadRow(f"{len(found)} DICOM files under {folder}; the full mammogram's folder holds one")
 
-    def _mask(self, abnormality: _Abnormality, full: Path, rows: int, cols: int) -> np.ndarray:
-        """The ROI mask of ``abnormality``: the DICOM of its folders with the full image's size and binary pixels."""
+    def _mask(self, abnormality: _Abnormality, full: Path, rows: int, cols: int) -> tuple[Path, np.ndarray]:
+        """The ROI mask of ``abnormality`` (file, pixels): the DICOM of its folders with the full image's size and
+        binary pixels."""
         folders = [self.layout.folder(abnormality.folders[0], "ROI mask")]
         for name in abnormality.folders[1:]:  # the cropped image's folder, when another one: searched if it is there
             found = self.layout.folders.get(name, [])
@@ -338,7 +341,7 @@ class _Resolver:
         if len(masks) > 1:  # the classic download keeps the CSV's file names: the one named there
             masks = [mask for mask in masks if _named_by(mask[0], abnormality.mask_cell)] or masks
         if len(masks) == 1:
-            return masks[0][1]
+            return masks[0]
         if masks:
             raise BadRow(f"several binary masks of the full image's size under {where}: "
                          f"{', '.join(_name(path, where) for path, _ in masks)}")

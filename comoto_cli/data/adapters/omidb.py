@@ -22,7 +22,7 @@ flags (``mass``, ``calcification``, ``distortion``, ``asymmetry``, joined with `
 no split of its own (the fractions apply). Malignancy lives in the NBSS outcomes and is not read.
 
 Errors name ``imagedb_<client>.json`` and the line its image UID is written on (1 in a one-line file). The cache's
-fingerprint hashes every ``imagedb_<client>.json`` read and stamps the DICOMs; the header JSONs are not stamped.
+fingerprint hashes every ``imagedb_<client>.json`` read and stamps the DICOMs and the header JSONs read.
 """
 
 from __future__ import annotations
@@ -151,7 +151,8 @@ def _entry(root: Path, client: str, study_uid: str, image_uid: str, marks: Any, 
     laterality = header.get("ImageLaterality") or header.get("Laterality") or ""
     position = header.get("ViewPosition", "")
     view = (laterality + position).lower() if laterality in ("L", "R") and position else ""
-    return source, {"patient": client, "study": study_uid, "view": view, "split": None, "row": row, "boxes": boxes}
+    return source, {"patient": client, "study": study_uid, "view": view, "split": None, "row": row, "boxes": boxes,
+                    "extra_inputs": [header["file"]] if header.get("file") else []}
 
 
 def _marks(marks: Any) -> list[tuple[str, dict]]:
@@ -179,9 +180,10 @@ def _box(mark: dict, key: str, listing: Path, row: int) -> LesionBox:
                      csv=listing, row=row)
 
 
-def _header(study_folder: Path, image_uid: str, dicom: Path) -> dict[str, str] | None:
-    """The header fields the record needs, upper-case text: from the image's JSON, else from its DICOM; None if
-    neither is there (the missing DICOM is then reported as for any listed file)."""
+def _header(study_folder: Path, image_uid: str, dicom: Path) -> dict | None:
+    """The header fields the record needs, upper-case text, and under ``file`` the header JSON read: from the
+    image's JSON, else from its DICOM; None if neither is there (the missing DICOM is then reported as for any
+    listed file)."""
     for name in (f"{image_uid}.json", f"{image_uid}.dcm.json"):
         path = study_folder / name
         if path.is_file():
@@ -191,7 +193,7 @@ def _header(study_folder: Path, image_uid: str, dicom: Path) -> dict[str, str] |
                 raise BadRow(f"its header {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
             if not isinstance(document, dict):
                 raise BadRow(f"its header {path} is not a JSON object")
-            return {keyword: _json_value(document, keyword) for keyword in HEADER_TAGS}
+            return {**{keyword: _json_value(document, keyword) for keyword in HEADER_TAGS}, "file": path}
     if not dicom.is_file():
         return None
     import pydicom
