@@ -408,6 +408,10 @@ class ExperimentConfig(StrictModel):
     seeds: list[int] = Field([0, 1, 2], min_length=1)
     split: Literal["val", "test"] = "test"
     bootstrap: int = Field(200, ge=0, description="patient bootstrap resamples per run for its 95% interval")
+    paired_baselines: list[str] = Field(
+        ["none", "pretrain"], description="every other method is compared with each of these (those among methods): "
+        "paired difference over seeds with a paired patient-bootstrap interval")
+    paired_bootstrap: int = Field(1000, ge=0, description="paired patient-bootstrap resamples per comparison")
 
     @field_validator("train_ratios")
     @classmethod

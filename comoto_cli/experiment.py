@@ -8,6 +8,13 @@ is checked before the first one trains. Each student is scored on the held-out s
 table reports, per method and ratio, the mean over seeds of ``mean_sensitivity_positive`` with a 95 % t-interval
 over seeds, and the mean of the per-run patient-bootstrap intervals. Outputs: ``results.csv``, ``results.md``,
 ``results.png`` and ``runs.jsonl`` (one line per run).
+
+Marginal intervals of two methods overlap even when one is better on nearly every patient and seed, because most
+of their width is the test set's patients, which both share. So each method is also compared with each of
+``paired_baselines`` (DBT only, pretraining): the mean over seeds of the seed-paired difference, and a paired
+patient-bootstrap interval (:func:`comoto_cli.metrics.dbtex.paired_difference`: every resample scores both
+methods' runs on the same patients). A difference is *resolved* when its interval excludes 0. Outputs:
+``paired.csv``, ``paired.png`` and a table in ``results.md``.
 """
 
 from __future__ import annotations
@@ -19,12 +26,15 @@ from pathlib import Path
 
 import numpy as np
 
+from comoto_cli.cache.h5cache import SliceCache
 from comoto_cli.config import DistillConfig, EvaluateConfig, ExperimentConfig, InferenceConfig, TeacherConfig
+from comoto_cli.data.tables import read_dbtex_predictions
 from comoto_cli.engine.distill import check_distill_config, run_distill
 from comoto_cli.engine.modes import DistillMode, get_mode
 from comoto_cli.engine.teacher import check_teacher_config, run_train_teacher
 from comoto_cli.errors import UsageError
-from comoto_cli.evaluation.evaluate_checkpoint import evaluate_checkpoint
+from comoto_cli.evaluation.evaluate_checkpoint import dbtex_ground_truth, evaluate_checkpoint
+from comoto_cli.metrics.dbtex import DbtexTables, paired_difference
 from comoto_cli.preprocess.pipeline import preprocess
 from comoto_cli.synth import generate_dataset
 from comoto_cli.utils.atomic import atomic_path, ensure_writable_dir, write_json_atomic, write_text_atomic
@@ -117,11 +127,15 @@ def _run_name(method: str, ratio: float, seed: int) -> str:
     return f"{method.replace('+', '-')}_r{ratio:g}_s{seed}"
 
 
+def _run_folder(config: ExperimentConfig, method: str, ratio: float, seed: int) -> Path:
+    return config.out / "students" / _run_name(method, ratio, seed)
+
+
 def _student_config(config: ExperimentConfig, method: str, ratio: float, seed: int, dbt_cache: Path,
                     mammo_cache: Path) -> DistillConfig:
     mode, impa = method_mode(method)
     payload = {**config.student.model_dump(mode="json"), "cache": str(dbt_cache),
-               "out": str(config.out / "students" / _run_name(method, ratio, seed)), "mode": mode.name,
+               "out": str(_run_folder(config, method, ratio, seed)), "mode": mode.name,
                "train_ratio": ratio, "seed": seed}
     if mode.needs_teacher:
         payload["teacher"] = str(_teacher_run(config, impa) / "best.pt")
@@ -239,6 +253,88 @@ def _plot(path: Path, rows: list[dict], records: list[dict], config: ExperimentC
     plt.close(figure)
 
 
+# ---------------------------------------------------------------------------------------------- paired comparison
+def _run_tables(config: ExperimentConfig, method: str, ratio: float, seeds: list[int],
+                truth: tuple[dict, dict]) -> list[DbtexTables]:
+    boxes, labels = truth
+    runs = [_run_folder(config, method, ratio, seed) / "evaluation" / "predictions.csv" for seed in seeds]
+    return [DbtexTables(predictions=read_dbtex_predictions(path), boxes=boxes, labels=labels) for path in runs]
+
+
+def paired_comparisons(config: ExperimentConfig, dbt_cache: Path) -> list[dict]:
+    """Each method minus each paired baseline, per train ratio, from the runs' saved predictions."""
+    cache = SliceCache(dbt_cache)
+    try:
+        truth = dbtex_ground_truth(cache, config.split)
+    finally:
+        cache.close()
+    baselines = [b for b in config.paired_baselines if b in config.methods]
+    rows = []
+    for ratio in config.train_ratios:
+        tables = {m: _run_tables(config, m, ratio, config.seeds, truth) for m in config.methods}
+        for baseline in baselines:
+            for method in config.methods:
+                if method in (baseline, *baselines[:baselines.index(baseline)]):
+                    continue  # itself, and a baseline already compared with the earlier baseline
+                result = paired_difference(tables[method], tables[baseline], config.paired_bootstrap, seed=0)
+                rows.append({"train_ratio": ratio, "method": method, "label": method_label(method),
+                             "baseline": baseline, "baseline_label": method_label(baseline), "seeds": len(config.seeds),
+                             "difference": result.mean, "ci95_low": result.low, "ci95_high": result.high,
+                             "half_width": result.half_width, "resolved": result.resolved,
+                             "per_seed": " / ".join(f"{d:+.3f}" for d in result.per_seed),
+                             "resamples": result.resamples})
+    return rows
+
+
+def _paired_markdown(rows: list[dict], config: ExperimentConfig) -> str:
+    if not rows:
+        return ""
+    lines = [
+        "", f"Paired differences in mean sensitivity ({config.split} split): method minus baseline, the mean over "
+        f"{len(config.seeds)} seed(s) of the seed-paired difference, with a 95 % paired patient-bootstrap interval "
+        f"({config.paired_bootstrap} resamples, each scoring both methods on the same patients). Resolved: the "
+        "interval excludes 0.", "",
+        "| train ratio | method | minus | difference | 95 % CI (paired) | half-width | resolved | per seed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(f"| {row['train_ratio']:g} | {row['label']} | {row['baseline_label']} | {row['difference']:+.3f} | "
+                     f"{row['ci95_low']:+.3f} to {row['ci95_high']:+.3f} | {row['half_width']:.3f} | "
+                     f"{'yes' if row['resolved'] else 'no'} | {row['per_seed']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot_paired(path: Path, rows: list[dict], config: ExperimentConfig) -> None:
+    """One panel per baseline: each method's difference with its paired interval, one colour per train ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    baselines = list(dict.fromkeys(row["baseline"] for row in rows))
+    figure, axes = plt.subplots(1, max(len(baselines), 1), figsize=(6 * max(len(baselines), 1), 4.5), squeeze=False)
+    for axis, baseline in zip(axes[0], baselines):
+        chosen = [row for row in rows if row["baseline"] == baseline]
+        methods = list(dict.fromkeys(row["method"] for row in chosen))
+        for index, ratio in enumerate(config.train_ratios):
+            mine = [row for row in chosen if row["train_ratio"] == ratio]
+            y = np.array([methods.index(row["method"]) for row in mine]) + (index - (len(config.train_ratios) - 1) / 2) * 0.25
+            x = np.array([row["difference"] for row in mine])
+            error = np.array([[row["difference"] - row["ci95_low"] for row in mine],
+                              [row["ci95_high"] - row["difference"] for row in mine]])
+            axis.errorbar(x, y, xerr=np.clip(error, 0, None), fmt="o", capsize=3, label=f"train ratio {ratio:g}")
+        axis.axvline(0, color="black", linewidth=0.8)
+        axis.set_yticks(range(len(methods)), [method_label(m) for m in methods], fontsize=8)
+        axis.set_xlabel("difference in mean sensitivity (paired 95 % CI)")
+        axis.set_title(f"minus {method_label(baseline)}", fontsize=10)
+        axis.grid(True, axis="x", alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=120)
+    plt.close(figure)
+
+
 def run_experiment(config: ExperimentConfig, console=None) -> list[dict]:
     """Run (or finish) every run of the experiment and write the results table; returns its rows."""
 
@@ -259,7 +355,13 @@ def run_experiment(config: ExperimentConfig, console=None) -> list[dict]:
     rows = summarise(records, config)
     columns = list(rows[0]) if rows else []
     write_csv_atomic(config.out / "results.csv", columns, [[row[c] for c in columns] for row in rows])
-    write_text_atomic(config.out / "results.md", _markdown(rows, config, time.perf_counter() - started))
+    paired = paired_comparisons(config, dbt_cache) if config.paired_bootstrap > 0 else []
+    if paired:
+        columns = list(paired[0])
+        write_csv_atomic(config.out / "paired.csv", columns, [[row[c] for c in columns] for row in paired])
+        _plot_paired(config.out / "paired.png", paired, config)
+    write_text_atomic(config.out / "results.md",
+                      _markdown(rows, config, time.perf_counter() - started) + _paired_markdown(paired, config))
     _plot(config.out / "results.png", rows, records, config)
     _say(console, (config.out / "results.md").read_text())
     _say(console, f"results: {config.out / 'results.md'}, {config.out / 'results.csv'}, {config.out / 'results.png'}")

@@ -51,6 +51,14 @@ def test_miniature_experiment(tmp_path, tiny_synth, capsys):
     assert (out / "results.png").stat().st_size > 0
     assert "LsKD + ImPA" in (out / "results.md").read_text()
     assert (out / "teachers" / "impa" / "best.pt").exists() and not (out / "teachers" / "plain").exists()
+    # The paired comparison with DBT only (pretraining is not among the methods): recomputed from the runs' saved
+    # predictions, it is the difference of their scores on the same seed.
+    (paired,) = list(csv.DictReader((out / "paired.csv").open()))
+    assert (paired["method"], paired["baseline"]) == ("lesion+impa", "none")
+    by_method = {row["method"]: float(row["mean_sensitivity_positive"]) for row in rows}
+    assert float(paired["difference"]) == pytest.approx(by_method["lesion+impa"] - by_method["none"], abs=1e-9)
+    assert float(paired["ci95_low"]) <= float(paired["difference"]) <= float(paired["ci95_high"])
+    assert (out / "paired.png").stat().st_size > 0 and "Paired differences" in (out / "results.md").read_text()
     # Rerun: every run is finished, nothing is trained again.
     stamp = (out / "students" / "none_r1_s0" / "best.pt").stat().st_mtime_ns
     capsys.readouterr()

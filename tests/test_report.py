@@ -58,6 +58,7 @@ def test_review_follows_the_official_hits_and_operating_point():
     statuses = [lesion.status for lesion in review.lesions]
     assert statuses == ["found", "found-below", "missed", "missed"]
     assert review.lesions[0].detection.score == 0.9 and review.lesions[0].slice_offset == 1.0
+    assert review.lesions[0].centre_distance == pytest.approx(np.hypot(2, 2)) and review.lesions[0].hit_radius == 100
     assert review.lesions[1].detection.score == 0.05
     near = review.lesions[2].detection
     assert near.score == 0.7 and near.hit_box == -1 and review.lesions[2].slice_offset == 15.0

@@ -96,8 +96,9 @@ def _lesion_card(lesion: LesionReview, images: CacheImages | None) -> str:
         kind = "best hit" if lesion.status != "missed" else (
             "near miss, outside the slice window" if detection.hit_box < 0 else
             "near miss, counted for a nearer lesion of this view")
-        found = (f"{kind}: score {detection.score:.3f}, slice offset {lesion.slice_offset:+.1f} "
-                 f"(hit window &plusmn;{lesion.volume_slices / 4:g})")
+        found = (f"{kind}: score {detection.score:.3f}; centre {lesion.centre_distance:.0f} px away (hit radius "
+                 f"{lesion.hit_radius:.0f}), slice offset {lesion.slice_offset:+.1f} (hit window "
+                 f"&plusmn;{lesion.volume_slices / 4:g})")
     return (
         f'<figure class="card lesion-card status-{lesion.status}" data-status="{lesion.status}">'
         f'<div class="pictures">{pictures}</div><figcaption>'

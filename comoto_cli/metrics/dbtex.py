@@ -105,7 +105,11 @@ class _Matched:
     label_volume: np.ndarray  # (R,)
     volume_has_boxes: np.ndarray  # (V,) bool
     volume_patient: np.ndarray  # (V,) patient code, for the bootstrap
-    n_patients: int
+    patients: np.ndarray  # (n_patients,) PatientID of each code
+
+    @property
+    def n_patients(self) -> int:
+        return len(self.patients)
 
     @property
     def pred_positive(self) -> np.ndarray:
@@ -116,7 +120,7 @@ class _Matched:
         return self.volume_has_boxes[self.label_volume]
 
 
-def _volume_codes(tables: DbtexTables) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+def _volume_codes(tables: DbtexTables) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     parts = (tables.predictions, tables.boxes, tables.labels)
     keys = [np.char.add(np.char.add(t["StudyUID"].astype(str), _KEY_SEPARATOR), t["View"].astype(str)) for t in parts]
     sizes = [len(k) for k in keys]
@@ -131,12 +135,12 @@ def _volume_codes(tables: DbtexTables) -> tuple[np.ndarray, np.ndarray, np.ndarr
     for start, stop in reversed(list(zip(np.cumsum([0] + sizes[:-1]), np.cumsum(sizes)))):
         volume_patient[inverse[start:stop]] = patient_codes[start:stop]  # later writes (earlier tables) win
     p, b = sizes[0], sizes[1]
-    return inverse[:p], inverse[p : p + b], inverse[p + b :], volume_patient, len(patient_names)
+    return inverse[:p], inverse[p : p + b], inverse[p + b :], volume_patient, patient_names
 
 
 def _match(tables: DbtexTables) -> _Matched:
     pred, box = tables.predictions, tables.boxes
-    pred_volume, box_volume, label_volume, volume_patient, n_patients = _volume_codes(tables)
+    pred_volume, box_volume, label_volume, volume_patient, patients = _volume_codes(tables)
     n_volumes = len(volume_patient)
     n_pred = len(pred_volume)
 
@@ -190,7 +194,7 @@ def _match(tables: DbtexTables) -> _Matched:
         label_volume=label_volume,
         volume_has_boxes=volume_has_boxes,
         volume_patient=volume_patient,
-        n_patients=n_patients,
+        patients=patients,
     )
 
 
@@ -415,3 +419,62 @@ def bootstrap_mean_sensitivity(
         return (float("nan"), float("nan"))
     low, high = np.percentile(np.asarray(values), [2.5, 97.5])
     return (float(low), float(high))
+
+
+# ---------------------------------------------------------------------------------------------- paired comparison
+@dataclass(frozen=True)
+class PairedDifference:
+    """``mean_sensitivity_positive`` of method A minus method B on one test set, paired by seed and by patient."""
+
+    mean: float  # mean over seeds of (A_s - B_s) on the whole test set
+    low: float  # 2.5th and 97.5th percentiles of the seed-mean difference over paired patient resamples
+    high: float
+    per_seed: tuple[float, ...]
+    resamples: int  # resamples kept (those with lesions)
+
+    @property
+    def half_width(self) -> float:
+        return (self.high - self.low) / 2
+
+    @property
+    def resolved(self) -> bool:
+        """The interval excludes 0: the sign of the difference is resolved at the 95 % level."""
+        return self.low > 0 or self.high < 0
+
+
+def _patient_index(matched: list[_Matched]) -> tuple[list[np.ndarray], int]:
+    """Each run's patient codes mapped to indices into the union of every run's PatientIDs."""
+    names, inverse = np.unique(np.concatenate([m.patients for m in matched]), return_inverse=True)
+    sizes = np.cumsum([0] + [m.n_patients for m in matched])
+    return [inverse.reshape(-1)[a:b] for a, b in zip(sizes[:-1], sizes[1:])], len(names)
+
+
+def paired_difference(runs_a: list[DbtexTables], runs_b: list[DbtexTables], n: int, seed: int) -> PairedDifference:
+    """A minus B, where ``runs_a[s]`` and ``runs_b[s]`` are the two methods' runs of seed ``s`` scored on the same
+    boxes and labels. Each of ``n`` resamples draws the test patients once with replacement (as
+    :func:`bootstrap_mean_sensitivity` does) and scores every run of both methods on that same draw, so the
+    interval holds the patient variation the two methods share out of their difference. (nan, nan) with ``n`` 0."""
+    if not runs_a or len(runs_a) != len(runs_b):
+        raise ValueError(f"paired runs differ in number: {len(runs_a)} and {len(runs_b)}")
+    keys = {tuple(np.sort(t.labels["PatientID"].astype(str))) for t in (*runs_a, *runs_b)}
+    if len(keys) != 1:
+        raise InputDataError("paired runs were scored on different test patients")
+    matched = [_match(t) for t in (*runs_a, *runs_b)]
+    for tables, match in zip((*runs_a, *runs_b), matched):
+        _check_denominators(tables, match)
+    full = [_metrics_from_match(m)["mean_sensitivity_positive"] for m in matched]
+    per_seed = tuple(float(a - b) for a, b in zip(full[:len(runs_a)], full[len(runs_a):]))
+    index, n_patients = _patient_index(matched)
+    rng = np.random.default_rng(seed)
+    differences = []
+    for _ in range(n):
+        multiplicity = np.bincount(rng.integers(0, n_patients, size=n_patients), minlength=n_patients)
+        weights = [multiplicity[codes][m.volume_patient] for codes, m in zip(index, matched)]
+        if (weights[0][matched[0].box_volume].sum() == 0
+                or (weights[0][matched[0].label_volume] * matched[0].label_positive).sum() == 0):
+            continue  # no lesion drawn: sensitivity undefined for every run alike
+        values = [_metrics_from_match(m, w)["mean_sensitivity_positive"] for m, w in zip(matched, weights)]
+        differences.append(np.mean(values[:len(runs_a)]) - np.mean(values[len(runs_a):]))
+    low, high = np.percentile(differences, [2.5, 97.5]) if differences else (float("nan"), float("nan"))
+    return PairedDifference(mean=float(np.mean(per_seed)), low=float(low), high=float(high), per_seed=per_seed,
+                            resamples=len(differences))

@@ -53,6 +53,19 @@ class LesionReview:
     def slice_offset(self) -> float | None:
         return None if self.detection is None else self.detection.slice - self.slice
 
+    @property
+    def centre_distance(self) -> float | None:
+        """In-plane distance between the detection's and the lesion's box centres (official-frame pixels)."""
+        if self.detection is None:
+            return None
+        (x, y, w, h), (dx, dy, dw, dh) = self.box, self.detection.box
+        return float(np.hypot(dx + dw / 2 - (x + w / 2), dy + dh / 2 - (y + h / 2)))
+
+    @property
+    def hit_radius(self) -> float:
+        """The official in-plane hit distance for this lesion: half its diagonal, at least 100 pixels."""
+        return max(float(np.hypot(self.box[2], self.box[3])) / 2, MIN_HIT_DISTANCE)
+
 
 @dataclass(frozen=True)
 class FalsePositiveReview:
