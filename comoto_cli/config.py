@@ -178,6 +178,31 @@ def registered_name(name: str, names: list[str], kind: str) -> str:
     return name
 
 
+# ---------------------------------------------------------------------------------------------- inference
+class InferenceConfig(StrictModel):
+    """Volume inference: every slice through the detector, then volume NMS (docs/design.md section 3)."""
+
+    batch_size: int = Field(16, ge=1)
+    skip_edge_slices: int = Field(0, ge=0, description="slices skipped at each end (the reference skips 4)")
+    nms_iou: float = Field(0.5, gt=0.0, le=1.0)
+    nms_min_score: float = Field(0.001, ge=0.0)
+    nms_window_fraction: float = Field(0.25, gt=0.0, le=1.0, description="window = +- fraction * slices")
+    nms_window_slices: Literal["volume", "detected"] = Field(
+        "volume", description="the slice count the NMS window is a fraction of: volume, all its slices; detected, "
+        "those that went through the detector (the reference: int((n - 8) / 4) with 4 edge slices skipped)")
+    max_boxes_per_volume: int = Field(100, ge=1)
+    num_workers: int | Literal["auto"] = Field(
+        "auto", description="processes reading cached slices ahead of the detector; auto: none on the CPU, on a GPU "
+        "this process's share of the cores less one (at most 8)")
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, value):
+        if value != "auto" and value < 0:
+            raise ValueError("must be 'auto' or a whole number >= 0")
+        return value
+
+
 # ---------------------------------------------------------------------------------------------- model
 class ModelConfig(StrictModel):
     """2D RetinaNet (MONAI) with a ResNet-FPN backbone and one input channel; 2 classes (background, lesion)."""
@@ -311,6 +336,9 @@ class DistillConfig(TrainConfig):
     num_points: Literal[1, 4, 5, 9] = 9
     distill_start_epoch: int = Field(0, ge=0, description="epoch at which the distillation loss is switched on")
     best_metric: str = "mean_sensitivity_positive"
+    val_inference: InferenceConfig = Field(
+        InferenceConfig(), description="volume inference of the per-epoch validation (edge slices, volume NMS); its "
+        "batch_size and num_workers are replaced by val_batch_size and num_workers")
 
     @classmethod
     def check_mode(cls, name: str) -> str:
@@ -323,28 +351,7 @@ class DistillConfig(TrainConfig):
         return cls.check_mode(mode)
 
 
-# ---------------------------------------------------------------------------------------------- inference / eval
-class InferenceConfig(StrictModel):
-    """Volume inference: every slice through the detector, then volume NMS (docs/design.md section 3)."""
-
-    batch_size: int = Field(16, ge=1)
-    skip_edge_slices: int = Field(0, ge=0, description="slices skipped at each end (the reference skips 4)")
-    nms_iou: float = Field(0.5, gt=0.0, le=1.0)
-    nms_min_score: float = Field(0.001, ge=0.0)
-    nms_window_fraction: float = Field(0.25, gt=0.0, le=1.0, description="window = +- fraction * slices")
-    max_boxes_per_volume: int = Field(100, ge=1)
-    num_workers: int | Literal["auto"] = Field(
-        "auto", description="processes reading cached slices ahead of the detector; auto: none on the CPU, on a GPU "
-        "this process's share of the cores less one (at most 8)")
-
-    @field_validator("num_workers")
-    @classmethod
-    def _workers(cls, value):
-        if value != "auto" and value < 0:
-            raise ValueError("must be 'auto' or a whole number >= 0")
-        return value
-
-
+# ---------------------------------------------------------------------------------------------- eval
 class EvaluateConfig(StrictModel):
     checkpoint: Path | None = Field(None, description="checkpoint to evaluate (best.pt of train-teacher or distill)")
     cache: Path | None = Field(None, description="slice cache whose split is scored (`comoto preprocess`)")
@@ -359,6 +366,10 @@ class EvaluateConfig(StrictModel):
     report_false_positives: int = Field(2, ge=0, description="false positives shown per view in report.html")
     bootstrap: int = Field(1000, ge=0, description="patient bootstrap resamples for the 95% interval (0 = off)")
     seed: int = Field(0, ge=0)
+    volumes: Literal["labels", "boxes-table"] = Field(
+        "labels", description="volumes counted for false positives: labels, every row of the labels table (the "
+        "official DBTex definition); boxes-table, as the reference implementation scores (it passes its boxes table "
+        "as the labels: one volume per box row, volumes without a lesion not counted). Not the official metric")
     inference: InferenceConfig = InferenceConfig()
 
 
@@ -412,6 +423,9 @@ class ExperimentConfig(StrictModel):
         ["none", "pretrain"], description="every other method is compared with each of these (those among methods): "
         "paired difference over seeds with a paired patient-bootstrap interval")
     paired_bootstrap: int = Field(1000, ge=0, description="paired patient-bootstrap resamples per comparison")
+    inference: InferenceConfig = Field(
+        InferenceConfig(), description="volume inference of every student's validation and test evaluation (edge "
+        "slices, volume NMS); batch size and workers come from student")
 
     @field_validator("train_ratios")
     @classmethod

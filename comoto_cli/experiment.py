@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from comoto_cli.cache.h5cache import SliceCache
-from comoto_cli.config import DistillConfig, EvaluateConfig, ExperimentConfig, InferenceConfig, TeacherConfig
+from comoto_cli.config import DistillConfig, EvaluateConfig, ExperimentConfig, TeacherConfig
 from comoto_cli.data.tables import read_dbtex_predictions
 from comoto_cli.engine.distill import check_distill_config, run_distill
 from comoto_cli.engine.modes import DistillMode, get_mode
@@ -136,7 +136,7 @@ def _student_config(config: ExperimentConfig, method: str, ratio: float, seed: i
     mode, impa = method_mode(method)
     payload = {**config.student.model_dump(mode="json"), "cache": str(dbt_cache),
                "out": str(_run_folder(config, method, ratio, seed)), "mode": mode.name,
-               "train_ratio": ratio, "seed": seed}
+               "train_ratio": ratio, "seed": seed, "val_inference": config.inference.model_dump(mode="json")}
     if mode.needs_teacher:
         payload["teacher"] = str(_teacher_run(config, impa) / "best.pt")
         payload["teacher_cache"] = str(mammo_cache)
@@ -172,11 +172,15 @@ def _student(config: ExperimentConfig, method: str, ratio: float, seed: int, dbt
     if not finished:
         _say(console, f"experiment: {method_label(method)}, train ratio {ratio:g}, seed {seed} -> {run}")
         run_distill(student, resume=(run / "last.pt").exists(), console=console)
-    return evaluate_checkpoint(
-        EvaluateConfig(checkpoint=run / "best.pt", cache=dbt_cache, split=config.split, out=run / "evaluation",
-                       bootstrap=config.bootstrap, seed=seed,
-                       inference=InferenceConfig(batch_size=config.student.val_batch_size)),
-        progress=False)
+    return evaluate_checkpoint(evaluation_config(config, run, dbt_cache, seed), progress=False)
+
+
+def evaluation_config(config: ExperimentConfig, run: Path, dbt_cache: Path, seed: int) -> EvaluateConfig:
+    """How a finished student is scored: ``config.inference`` (edge slices, volume NMS) with the students'
+    validation batch size."""
+    return EvaluateConfig(checkpoint=run / "best.pt", cache=dbt_cache, split=config.split, out=run / "evaluation",
+                          bootstrap=config.bootstrap, seed=seed,
+                          inference=config.inference.model_copy(update={"batch_size": config.student.val_batch_size}))
 
 
 def summarise(records: list[dict], config: ExperimentConfig) -> list[dict]:

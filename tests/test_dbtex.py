@@ -551,3 +551,40 @@ def test_cli_checkpoint_branch_names_a_missing_cache(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "c.h5" in err and "cache file not found" in err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_boxes_table_counting_is_the_references_denominator():
+    """A positive view (its one lesion hit at 0.3) and a normal view with 5 false positives at 0.9. Officially 2
+    volumes: at threshold 0.3 the all-cases pass has 2.5 FP/volume and sensitivity 1, so 0.8 at 2 FP/volume. Counted
+    as the reference does (its boxes table as the labels), 1 volume: 5 FP/volume, 0.4 at 2. The positive-cases
+    pass is the same both ways."""
+    from comoto_cli.data.tables import dbtex_boxes, dbtex_labels
+    from comoto_cli.metrics.dbtex import DbtexTables, counting_volumes
+
+    boxes = dbtex_boxes(["PA"], ["A"], ["lcc"], [100.0], [100.0], [50.0], [50.0], [10.0], [40.0])
+    labels = dbtex_labels(["PA", "PN"], ["A", "N"], ["lcc", "lcc"])
+    rows = [("PA", "A", 100.0, 0.3)] + [("PN", "N", 900.0 + 60 * k, 0.9) for k in range(5)]
+    predictions = {"PatientID": np.array([r[0] for r in rows]), "StudyUID": np.array([r[1] for r in rows]),
+                   "View": np.array(["lcc"] * 6), "X": np.array([r[2] for r in rows]), "Width": np.full(6, 50.0),
+                   "Y": np.full(6, 100.0), "Height": np.full(6, 50.0), "Z": np.full(6, 10.0), "Depth": np.zeros(6),
+                   "Score": np.array([r[3] for r in rows])}
+    tables = DbtexTables(predictions=predictions, boxes=boxes, labels=labels)
+    official = score_dbtex(tables)
+    reference = score_dbtex(counting_volumes(tables, "boxes-table"))
+    assert official["sensitivity_at_2_fps_all"] == pytest.approx(0.8)
+    assert reference["sensitivity_at_2_fps_all"] == pytest.approx(0.4)
+    assert reference["mean_sensitivity_positive"] == official["mean_sensitivity_positive"]
+    assert counting_volumes(tables, "labels") is tables
+
+
+def test_cli_volumes_option_is_recorded(tmp_path):
+    pred, boxes, labels = _write_inputs(tmp_path, GOOD_ROWS)
+    for rule in ("labels", "boxes-table"):
+        out = tmp_path / rule
+        assert _run_cli(["evaluate", "--predictions", str(pred), "--boxes", str(boxes), "--labels", str(labels),
+                         "--out", str(out), "--bootstrap", "0", "--volumes", rule]) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["volumes_counted"] == rule
+        assert metrics["counts"]["volumes"] == (3 if rule == "labels" else 2)
+    assert _run_cli(["evaluate", "--predictions", str(pred), "--boxes", str(boxes), "--labels", str(labels),
+                     "--out", str(tmp_path / "x"), "--volumes", "all"]) == 2

@@ -10,7 +10,7 @@ import pytest
 from comoto_cli.cli import main
 from comoto_cli.config import ExperimentConfig
 from comoto_cli.errors import UsageError
-from comoto_cli.experiment import method_label, seed_interval
+from comoto_cli.experiment import evaluation_config, method_label, seed_interval
 from tests.conftest import TINY_CACHE_SIZE, TINY_TRAIN
 
 
@@ -37,6 +37,7 @@ def test_miniature_experiment(tmp_path, tiny_synth, capsys):
         "train_ratios": [1.0],
         "seeds": [0],
         "bootstrap": 20,
+        "inference": {"skip_edge_slices": 1, "nms_window_slices": "detected"},
     }
     path = tmp_path / "experiment.json"
     path.write_text(json.dumps(config))
@@ -53,6 +54,11 @@ def test_miniature_experiment(tmp_path, tiny_synth, capsys):
     assert (out / "teachers" / "impa" / "best.pt").exists() and not (out / "teachers" / "plain").exists()
     # The paired comparison with DBT only (pretraining is not among the methods): recomputed from the runs' saved
     # predictions, it is the difference of their scores on the same seed.
+    # The experiment's inference settings reach every student's validation and its test evaluation.
+    run = out / "students" / "none_r1_s0"
+    assert json.loads((run / "config.json").read_text())["val_inference"]["skip_edge_slices"] == 1
+    evaluation = evaluation_config(ExperimentConfig.model_validate(config), run, out / "dbt.h5", 0).inference
+    assert (evaluation.skip_edge_slices, evaluation.nms_window_slices, evaluation.batch_size) == (1, "detected", 8)
     (paired,) = list(csv.DictReader((out / "paired.csv").open()))
     assert (paired["method"], paired["baseline"]) == ("lesion+impa", "none")
     by_method = {row["method"]: float(row["mean_sensitivity_positive"]) for row in rows}

@@ -123,3 +123,59 @@ def test_max_boxes_and_chunked_path(monkeypatch):
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="slice indices"):
         volume_nms(np.array([0, 1]), np.zeros((1, 4)), np.array([0.5]), 4)
+
+
+def reference_nms_volume(num_slices, z, boxes, scores, skip=4):
+    """The reference implementation's volume NMS, restated: its prediction list holds the ``num_slices - 2 * skip``
+    slices that went through the detector (slice ``skip + k`` at position k); ``depth = int(len / 4)`` over list
+    positions; a box at position i sees positions ``[max(i - depth, 0), min(i + depth, len))`` and is kept when its
+    score is >= every score there with IoU > 0.5 and >= 0.001 (a box alone in its window: score >= 0)."""
+    length = num_slices - 2 * skip
+    depth = int(length / 4)
+    kept = []
+    for i in range(len(scores)):
+        position = z[i] - skip
+        window = [j for j in range(len(scores))
+                  if max(position - depth, 0) <= z[j] - skip < min(position + depth, length)]
+        if len(window) == 1:
+            if scores[i] >= 0.0:
+                kept.append(i)
+            continue
+        iou = pairwise_iou(boxes[i:i + 1], boxes[window])[0]
+        rivals = [scores[j] for j, overlap in zip(window, iou) if overlap > 0.5]
+        if rivals and scores[i] >= max(rivals) and scores[i] >= 0.001:
+            kept.append(i)
+    return sorted(kept)
+
+
+def test_detected_window_is_the_reference_formula_on_random_volumes():
+    """``skip_edge_slices`` 4 with ``nms_window_slices`` "detected" keeps what the reference keeps on 60 random
+    volumes (boxes of positive area, scores >= 0.001); the volume's own slice count gives another window on some."""
+    from comoto_cli.config import InferenceConfig
+    from comoto_cli.inference.volume import top_volume_nms
+
+    rng = np.random.default_rng(0)
+    reference = InferenceConfig(skip_edge_slices=4, nms_window_slices="detected", max_boxes_per_volume=10_000)
+    ours = InferenceConfig(skip_edge_slices=4, max_boxes_per_volume=10_000)
+    differ = 0
+    for _ in range(60):
+        n = int(rng.integers(12, 80))
+        count = int(rng.integers(1, 40))
+        z = rng.integers(4, n - 4, count)
+        corner = np.round(rng.uniform(0, 60, (count, 2)) / 6) * 6  # on a grid: many overlaps above IoU 0.5
+        boxes = np.concatenate([corner, corner + rng.choice([18.0, 24.0], (count, 2))], axis=1)
+        scores = np.round(rng.uniform(0.001, 1.0, count), 2)  # ties included
+        expected = reference_nms_volume(n, z, boxes, scores)
+        assert sorted(top_volume_nms(z, boxes, scores, n, reference).tolist()) == expected, (n, z.tolist())
+        differ += sorted(top_volume_nms(z, boxes, scores, n, ours).tolist()) != expected
+    assert differ > 0  # the option matters: the window of all n slices is wider
+
+
+def test_detected_window_depth_is_int_of_n_minus_8_over_4():
+    from comoto_cli.config import InferenceConfig
+    from comoto_cli.inference.volume import window_slices
+
+    config = InferenceConfig(skip_edge_slices=4, nms_window_slices="detected")
+    for n in (9, 12, 13, 40, 61, 64, 99):
+        assert int(window_slices(n, config) * 0.25) == int((n - 8) / 4)
+    assert window_slices(64, InferenceConfig(skip_edge_slices=4)) == 64

@@ -42,6 +42,10 @@ def evaluate(
         None, "--bootstrap", help="Patient bootstrap resamples for the 95% interval, 0 = off \\[default: 1000]."
     ),
     seed: int | None = typer.Option(None, "--seed", help="Bootstrap seed \\[default: 0]."),
+    volumes: str | None = typer.Option(
+        None, "--volumes", help="Volumes counted for false positives: labels (the official DBTex definition) or "
+        "boxes-table (as the reference implementation scores: one volume per box row, volumes without a lesion "
+        "left out; not the official metric) \\[default: labels]."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Slices per inference batch (checkpoint)."),
     config: Path | None = typer.Option(None, "--config", "-c", help=CONFIG_OPTION_HELP),
 ) -> None:
@@ -67,6 +71,7 @@ def evaluate(
         out=out,
         bootstrap=bootstrap,
         seed=seed,
+        volumes=volumes,
         inference__batch_size=batch_size,
     )
     csv_inputs = {"--predictions": settings.predictions, "--boxes": settings.boxes, "--labels": settings.labels}
@@ -104,14 +109,15 @@ def evaluate(
 
 def _evaluate_csv(settings: EvaluateConfig) -> None:
     from comoto_cli.evaluation.html_report import write_csv_report
-    from comoto_cli.metrics.dbtex import read_dbtex_csvs
+    from comoto_cli.metrics.dbtex import counting_volumes, read_dbtex_csvs
     from comoto_cli.metrics.report import write_dbtex_report
 
-    tables = read_dbtex_csvs(settings.predictions, settings.boxes, settings.labels)
+    tables = counting_volumes(read_dbtex_csvs(settings.predictions, settings.boxes, settings.labels),
+                              settings.volumes)
     out_dir = Path(settings.out)
     inputs = {name: str(getattr(settings, name)) for name in ("predictions", "boxes", "labels")}
     payload = write_dbtex_report(out_dir, tables, settings.bootstrap, settings.seed, froc=settings.froc,
-                                 console=console, extra={"inputs": inputs})
+                                 console=console, extra={"inputs": inputs, "volumes_counted": settings.volumes})
     _copy_atomic(Path(settings.predictions), out_dir / "predictions.csv")
     written = ["metrics.json", "froc.png", "predictions.csv"] if settings.froc else ["metrics.json", "predictions.csv"]
     if settings.report:

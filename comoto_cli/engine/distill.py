@@ -172,8 +172,9 @@ def _student_data(config: DistillConfig):
     train_set = DetectionDataset(cache, "train", augment=config.augment, seed=config.seed, rows=rows)
     if len(train_set) == 0:
         raise UsageError("the train split has no slices", path=config.cache)
-    val_fn = make_volume_val_fn(cache, InferenceConfig(batch_size=config.val_batch_size,
-                                                       num_workers=config.num_workers))
+    inference = config.val_inference.model_copy(update={"batch_size": config.val_batch_size,
+                                                         "num_workers": config.num_workers})
+    val_fn = make_volume_val_fn(cache, inference)
     return cache, rows, kept_patients, train_set, val_fn
 
 

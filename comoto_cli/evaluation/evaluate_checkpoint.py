@@ -25,7 +25,7 @@ from comoto_cli.errors import CheckpointError, UsageError
 from comoto_cli.evaluation.html_report import require_dbt_cache, write_evaluation_report
 from comoto_cli.evaluation.validation import detect_images, detection_metrics, ground_truth_boxes
 from comoto_cli.inference.volume import detect_cache, forward_batch_size
-from comoto_cli.metrics.dbtex import DbtexTables
+from comoto_cli.metrics.dbtex import DbtexTables, counting_volumes
 from comoto_cli.metrics.image_froc import FPS_PER_IMAGE, image_froc
 from comoto_cli.metrics.plots import plot_froc
 from comoto_cli.metrics.report import write_dbtex_report
@@ -72,9 +72,9 @@ def _evaluate_dbt(model, cache, config: EvaluateConfig, out: Path, device, progr
     # One volume at a time, its cached slices read batch by batch (CacheVolume): never a whole volume or split.
     predictions = detect_cache(model, cache, config.split, config.inference, device, progress=progress)
     boxes, labels = dbtex_ground_truth(cache, config.split)
-    tables = DbtexTables(predictions=predictions, boxes=boxes, labels=labels)
+    tables = counting_volumes(DbtexTables(predictions=predictions, boxes=boxes, labels=labels), config.volumes)
     write_dbtex_predictions(out / "predictions.csv", predictions)
-    inputs = {"checkpoint": str(config.checkpoint), "split": config.split}
+    inputs = {"checkpoint": str(config.checkpoint), "split": config.split, "volumes_counted": config.volumes}
     payload = write_dbtex_report(out, tables, bootstrap=config.bootstrap, seed=config.seed, froc=config.froc,
                                  extra=inputs)
     if config.report:

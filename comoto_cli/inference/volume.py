@@ -128,6 +128,15 @@ def detect_volume(model, slices: np.ndarray | torch.Tensor | SliceSource, *, con
             "scores": np.concatenate(scores)}
 
 
+def window_slices(num_slices: int, config: InferenceConfig) -> int:
+    """L, the slice count the volume-NMS window is a fraction of: the volume's, or (``nms_window_slices``
+    "detected") the number that went through the detector, as the reference computes it: with its 4 edge slices
+    skipped at each end, ``depth = int((n - 8) / 4)``. Window positions are slice numbers either way."""
+    if config.nms_window_slices == "detected":
+        return len(slice_range(int(num_slices), config.skip_edge_slices))
+    return int(num_slices)
+
+
 def top_volume_nms(slice_index: np.ndarray, boxes: np.ndarray, scores: np.ndarray, num_slices: int,
                    config: InferenceConfig) -> np.ndarray:
     """:func:`volume_nms` restricted to the best ``config.max_boxes_per_volume`` survivors, computed from the
@@ -140,6 +149,7 @@ def top_volume_nms(slice_index: np.ndarray, boxes: np.ndarray, scores: np.ndarra
     """
 
     limit = int(config.max_boxes_per_volume)
+    num_slices = window_slices(num_slices, config)
     nms = {"iou_threshold": config.nms_iou, "min_score": config.nms_min_score,
            "window_fraction": config.nms_window_fraction, "max_boxes": limit}
     count = len(scores)

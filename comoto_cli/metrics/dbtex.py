@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from comoto_cli.data.tables import read_dbtex_boxes, read_dbtex_labels, read_dbtex_predictions
+from comoto_cli.data.tables import dbtex_labels, read_dbtex_boxes, read_dbtex_labels, read_dbtex_predictions
 from comoto_cli.errors import InputDataError
 
 #: The official in-plane distance floor in pixels (``min_dist`` of ``_is_tp``).
@@ -91,6 +91,21 @@ def read_dbtex_csvs(predictions_csv: str | Path, boxes_csv: str | Path, labels_c
         labels=read_dbtex_labels(labels_csv),
         sources={"predictions": str(predictions_csv), "boxes": str(boxes_csv), "labels": str(labels_csv)},
     )
+
+
+def counting_volumes(tables: DbtexTables, rule: str) -> DbtexTables:
+    """``tables`` with the labels table that ``rule`` counts volumes by: ``labels``, as given (the official DBTex
+    definition); ``boxes-table``, one labels row per row of the boxes table, as the reference implementation scores
+    (it passes its boxes table as the labels file): a volume with k boxes counts k times in both passes, and volumes
+    without a lesion are not counted at all."""
+    if rule == "labels":
+        return tables
+    if rule != "boxes-table":
+        raise ValueError(f"unknown volume counting rule {rule!r}")
+    boxes = tables.boxes
+    labels = dbtex_labels(boxes["PatientID"], boxes["StudyUID"], boxes["View"])
+    return DbtexTables(predictions=tables.predictions, boxes=boxes, labels=labels,
+                       sources={**tables.sources, "labels": tables.sources.get("boxes", "the boxes table")})
 
 
 # ---------------------------------------------------------------------------------------------- matching
