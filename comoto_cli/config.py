@@ -191,6 +191,8 @@ class InferenceConfig(StrictModel):
         "volume", description="the slice count the NMS window is a fraction of: volume, all its slices; detected, "
         "those that went through the detector (the reference: int((n - 8) / 4) with 4 edge slices skipped)")
     max_boxes_per_volume: int = Field(100, ge=1)
+    flip_tta: bool = Field(False, description="horizontal-flip test-time augmentation: each slice and its mirror "
+                           "through the detector, their detections merged by the per-slice NMS (twice the cost)")
     num_workers: int | Literal["auto"] = Field(
         "auto", description="processes reading cached slices ahead of the detector; auto: none on the CPU, on a GPU "
         "this process's share of the cores less one (at most 8)")

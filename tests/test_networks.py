@@ -321,3 +321,24 @@ def test_a_builder_without_the_interface_is_named():
     finally:
         backbones._BACKBONES.pop("not-a-backbone")
         ModelConfig.backbone_names.remove("not-a-backbone")
+
+
+def test_flip_tta_detections_mirror_with_the_image():
+    """Test-time flip merges the image's and its mirror's candidates, so the detections of a mirrored image are
+    the mirrored detections of the image (up to float rounding); and no plain detection's score is lost."""
+    torch.manual_seed(0)
+    detector = build_detector(tiny_config(topk_candidates_per_level=40, detections_per_image=25, score_threshold=0.3),
+                              (HEIGHT, WIDTH)).eval()
+    detector.detector.network.classification_head.cls_logits.bias.data.fill_(-0.4)
+    images = torch.rand(2, 1, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(3))
+    merged = detector.predict(images, flip=True)
+    mirrored = detector.predict(images.flip(-1), flip=True)
+    plain = detector.predict(images)
+    for got, other, alone in zip(merged, mirrored, plain, strict=True):
+        boxes = other["boxes"].clone()
+        boxes[:, [0, 2]] = WIDTH - other["boxes"][:, [2, 0]]
+        assert len(got["scores"]) == len(other["scores"]) > 0
+        torch.testing.assert_close(got["scores"], other["scores"], rtol=0, atol=1e-6)
+        torch.testing.assert_close(got["boxes"], boxes, rtol=0, atol=1e-3)
+        assert float(got["scores"][0]) >= float(alone["scores"][0])
+        assert not torch.equal(got["boxes"], alone["boxes"])  # the mirror pass added or changed detections

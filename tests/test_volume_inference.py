@@ -34,7 +34,7 @@ class SliceCodedModel(torch.nn.Module):
         self.seen: list[int] = []
         self.batches: list[int] = []
 
-    def predict(self, images: torch.Tensor):
+    def predict(self, images: torch.Tensor, flip: bool = False):
         assert images.ndim == 4 and images.shape[1] == 1
         self.batches.append(images.shape[0])
         outputs = []

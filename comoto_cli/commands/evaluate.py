@@ -47,6 +47,9 @@ def evaluate(
         "boxes-table (as the reference implementation scores: one volume per box row, volumes without a lesion "
         "left out; not the official metric) \\[default: labels]."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Slices per inference batch (checkpoint)."),
+    flip_tta: bool | None = typer.Option(
+        None, "--flip-tta/--no-flip-tta", help="Horizontal-flip test-time augmentation (checkpoint, DBT) "
+        "\\[default: off]."),
     config: Path | None = typer.Option(None, "--config", "-c", help=CONFIG_OPTION_HELP),
 ) -> None:
     """Score detections with the DBTex metric (official semantics, vectorised).
@@ -73,6 +76,7 @@ def evaluate(
         seed=seed,
         volumes=volumes,
         inference__batch_size=batch_size,
+        inference__flip_tta=flip_tta,
     )
     csv_inputs = {"--predictions": settings.predictions, "--boxes": settings.boxes, "--labels": settings.labels}
     model_inputs = {"--checkpoint": settings.checkpoint, "--cache": settings.cache}
@@ -88,8 +92,8 @@ def evaluate(
     if settings.predictions is None and settings.checkpoint is None and given_csv:
         raise UsageError(f"{'/'.join(given_csv)} only apply with --predictions "
                          "(or evaluate a model with --checkpoint and --cache)")
-    if settings.predictions is not None and (split is not None or batch_size is not None):
-        raise UsageError("--split and --batch-size apply to --checkpoint evaluation, not to --predictions")
+    if settings.predictions is not None and (split is not None or batch_size is not None or flip_tta is not None):
+        raise UsageError("--split, --batch-size and --flip-tta apply to --checkpoint evaluation, not to --predictions")
     settings.require("out", needed_by="evaluate")
 
     if settings.predictions is not None:

@@ -31,6 +31,9 @@ def predict(
     skip_edge_slices: Annotated[Optional[int], typer.Option(  # noqa: UP045
         "--skip-edge-slices", help="DBT slices skipped at each end (default 0; the reference skips 4).",
         show_default=False)] = None,
+    flip_tta: Annotated[Optional[bool], typer.Option(  # noqa: UP045
+        "--flip-tta/--no-flip-tta", help="Horizontal-flip test-time augmentation: each slice and its mirror, "
+        "detections merged (twice the time; default off).", show_default=False)] = None,
     accept_modality: Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
         "--accept-modality", metavar="MODALITY", help="Read Secondary Capture / generic X-ray inputs with this "
         "Modality (e.g. RG: digitised film) as mammograms or DBT volumes: you vouch that they are. Repeatable. "
@@ -42,7 +45,8 @@ def predict(
     config = resolve_config(
         PredictConfig, config_file, checkpoint=checkpoint, inputs=list(inputs) if inputs else None, out=out,
         format=fmt, overlays=overlays, inference__batch_size=batch_size,
-        inference__skip_edge_slices=skip_edge_slices, accept_modality=accept_modality or None,
+        inference__skip_edge_slices=skip_edge_slices, inference__flip_tta=flip_tta,
+        accept_modality=accept_modality or None,
     )
     from comoto_cli.inference.predict import run_predict
 

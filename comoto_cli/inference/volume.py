@@ -113,7 +113,7 @@ def detect_volume(model, slices: np.ndarray | torch.Tensor | SliceSource, *, con
         batch = slices[start:stop]
         batch = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch))
         batch = batch.to(device=device, dtype=torch.float32, non_blocking=True).unsqueeze(1)
-        outputs = detections_as_numpy(model.predict(batch))
+        outputs = detections_as_numpy(model.predict(batch, flip=config.flip_tta))
         del batch  # the next batch is read before this name is rebound: do not hold two at once
         for offset, output in enumerate(outputs):
             count = len(output["scores"])

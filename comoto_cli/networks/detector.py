@@ -245,9 +245,13 @@ class ComotoDetector(nn.Module):
         return self.forward_train(images, targets)
 
     @torch.no_grad()
-    def predict(self, images: Tensor) -> list[dict[str, Tensor]]:
+    def predict(self, images: Tensor, *, flip: bool = False) -> list[dict[str, Tensor]]:
         """Detections of ``images`` (B, 1, H, W): per image ``boxes`` (n, 4) float32 xyxy image pixels and
         ``scores`` (n,) float32, best first, as CPU tensors (n <= ``detections_per_image``).
+
+        ``flip``: horizontal-flip test-time augmentation. The mirrored images go through the network too; their
+        candidates, mirrored back, join the originals' before the per-image NMS, so a lesion seen in either
+        orientation is kept once with its best score. Twice the network's cost.
 
         The numbers of MONAI's ``postprocess_detections`` (:func:`monai_detections`, tested equal; exactly tied
         scores at a level's top-k cut could pick different anchors) at a fraction of its cost: MONAI decodes
@@ -260,14 +264,25 @@ class ComotoDetector(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            reshaped, anchors, locations, _ = self._heads(images)
-            # MONAI builds anchors from the image shape alone: every image of the batch has the same ones.
-            boxes, scores, valid = self._candidates(reshaped, anchors[0], locations, list(images.shape[-2:]))
+            boxes, scores, valid = self._image_candidates(images)
+            if flip:
+                mirrored, mirrored_scores, mirrored_valid = self._image_candidates(images.flip(-1))
+                width = float(images.shape[-1])
+                # MONAI's box order puts the width axis at columns 1 and 3 (see _SWAP_XY).
+                mirrored[..., [1, 3]] = width - mirrored[..., [3, 1]]
+                boxes = np.concatenate([boxes, mirrored], axis=1)
+                scores = np.concatenate([scores, mirrored_scores], axis=1)
+                valid = np.concatenate([valid, mirrored_valid], axis=1)
         finally:
             self.train(was_training)
         selector = self.detector.box_selector
         threshold, limit = float(selector.nms_thresh), int(selector.detections_per_img)
         return [_image_detections(boxes[i], scores[i], valid[i], threshold, limit) for i in range(len(boxes))]
+
+    def _image_candidates(self, images: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        reshaped, anchors, locations, _ = self._heads(images)
+        # MONAI builds anchors from the image shape alone: every image of the batch has the same ones.
+        return self._candidates(reshaped, anchors[0], locations, list(images.shape[-2:]))
 
     def _candidates(
         self, reshaped: dict[str, Tensor], anchors: Tensor, locations: list[int], spatial: list[int]
