@@ -22,6 +22,7 @@ from comoto_cli.commands import (
     evaluate,
     experiment,
     export,
+    fuse,
     predict,
     preprocess,
     synth,
@@ -64,6 +65,7 @@ app.command("evaluate")(evaluate.evaluate)
 app.command("predict")(predict.predict)
 app.command("experiment")(experiment.experiment)
 app.command("export")(export.export)
+app.command("fuse")(fuse.fuse)
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(cache_cmd.app, name="cache")
 

@@ -77,7 +77,7 @@ def _say(console, text: str) -> None:
     (console.print if console is not None else print)(text)
 
 
-def _cache_paths(config: ExperimentConfig) -> tuple[Path, Path]:
+def cache_paths(config: ExperimentConfig) -> tuple[Path, Path]:
     return config.out / "dbt.h5", config.out / "mammo.h5"
 
 
@@ -93,7 +93,7 @@ def _prepare_data(config: ExperimentConfig, console) -> tuple[Path, Path]:
         dbt_root, mammo_root = data / "dbt", data / "mammo"
     else:  # the config requires both roots when synth is null
         dbt_root, mammo_root = config.dbt_root, config.mammo_root
-    dbt_cache, mammo_cache = _cache_paths(config)
+    dbt_cache, mammo_cache = cache_paths(config)
     preprocess(dbt_root, dbt_cache, config.preprocess_dbt.model_copy(update={"modality": "dbt"}), console=console)
     preprocess(mammo_root, mammo_cache, config.preprocess_mammo.model_copy(update={"modality": "mammo"}),
                console=console)
@@ -127,7 +127,7 @@ def _run_name(method: str, ratio: float, seed: int) -> str:
     return f"{method.replace('+', '-')}_r{ratio:g}_s{seed}"
 
 
-def _run_folder(config: ExperimentConfig, method: str, ratio: float, seed: int) -> Path:
+def run_folder(config: ExperimentConfig, method: str, ratio: float, seed: int) -> Path:
     return config.out / "students" / _run_name(method, ratio, seed)
 
 
@@ -135,7 +135,7 @@ def _student_config(config: ExperimentConfig, method: str, ratio: float, seed: i
                     mammo_cache: Path) -> DistillConfig:
     mode, impa = method_mode(method)
     payload = {**config.student.model_dump(mode="json"), "cache": str(dbt_cache),
-               "out": str(_run_folder(config, method, ratio, seed)), "mode": mode.name,
+               "out": str(run_folder(config, method, ratio, seed)), "mode": mode.name,
                "train_ratio": ratio, "seed": seed, "val_inference": config.inference.model_dump(mode="json")}
     if mode.needs_teacher:
         payload["teacher"] = str(_teacher_run(config, impa) / "best.pt")
@@ -261,7 +261,7 @@ def _plot(path: Path, rows: list[dict], records: list[dict], config: ExperimentC
 def _run_tables(config: ExperimentConfig, method: str, ratio: float, seeds: list[int],
                 truth: tuple[dict, dict]) -> list[DbtexTables]:
     boxes, labels = truth
-    runs = [_run_folder(config, method, ratio, seed) / "evaluation" / "predictions.csv" for seed in seeds]
+    runs = [run_folder(config, method, ratio, seed) / "evaluation" / "predictions.csv" for seed in seeds]
     return [DbtexTables(predictions=read_dbtex_predictions(path), boxes=boxes, labels=labels) for path in runs]
 
 
@@ -343,7 +343,7 @@ def run_experiment(config: ExperimentConfig, console=None) -> list[dict]:
     """Run (or finish) every run of the experiment and write the results table; returns its rows."""
 
     started = time.perf_counter()
-    teachers = _check_runs(config, *_cache_paths(config))
+    teachers = _check_runs(config, *cache_paths(config))
     ensure_writable_dir(config.out)
     write_json_atomic(config.out / "experiment.json", config.model_dump(mode="json"))
     dbt_cache, mammo_cache = _prepare_data(config, console)

@@ -12,7 +12,7 @@ from comoto_cli import __version__
 from comoto_cli.cli import app, main
 
 COMMANDS = ["synth", "preprocess dbt", "preprocess mammo", "train-teacher", "distill", "evaluate", "predict",
-            "experiment", "export", "config show", "cache info"]
+            "experiment", "export", "fuse", "config show", "cache info"]
 
 
 def _exit_code(arguments: list[str]) -> int:
