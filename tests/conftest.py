@@ -115,6 +115,21 @@ def tiny_teacher(tiny_caches, tmp_path_factory) -> Path:
     return out / "best.pt"
 
 
+@pytest.fixture(scope="session")
+def low_threshold_teacher(tiny_teacher, tmp_path_factory) -> Path:
+    """:func:`tiny_teacher` with detector score threshold 0: the 2-epoch teacher scores below the default threshold,
+    this copy gives real boxes (evaluation tests)."""
+    import json
+
+    import torch
+
+    state = torch.load(tiny_teacher, weights_only=True)
+    state["model_config"] = json.dumps({**json.loads(state["model_config"]), "score_threshold": 0.0})
+    checkpoint = tmp_path_factory.mktemp("low_threshold") / "low_threshold.pt"
+    torch.save(state, checkpoint)
+    return checkpoint
+
+
 # A cache of bright disks written directly (no DICOM): the trainer's and the teacher's tests.
 def build_tiny_cache(path: Path, *, height: int = 64, width: int = 64, train: int = 12, val: int = 4,
                      normal_every: int = 4, seed: int = 0, modality: str = "mammo") -> Path:

@@ -339,16 +339,10 @@ def test_same_seed_same_metrics_json_for_a_submission(tmp_path, tiny_synth, caps
     assert outputs[0] != outputs[2]  # the seed does reach the bootstrap: the check above can fail
 
 
-def test_same_seed_same_metrics_json_for_a_checkpoint(tmp_path, tiny_teacher, tiny_caches, capsys):
+def test_same_seed_same_metrics_json_for_a_checkpoint(tmp_path, low_threshold_teacher, tiny_caches, capsys):
     import json
 
-    import torch
-
-    # The 2-epoch teacher scores below the default detector threshold; a copy with threshold 0 gives real boxes.
-    state = torch.load(tiny_teacher, weights_only=True)
-    state["model_config"] = json.dumps({**json.loads(state["model_config"]), "score_threshold": 0.0})
-    checkpoint = tmp_path / "low_threshold.pt"
-    torch.save(state, checkpoint)
+    checkpoint = low_threshold_teacher
     config = tmp_path / "eval.json"
     config.write_text(json.dumps({"inference": {"nms_min_score": 0.0}, "bootstrap": 50}))
     outputs = []

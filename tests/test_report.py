@@ -180,14 +180,8 @@ def test_report_usage_errors(scored_synth, tiny_caches, tmp_path, capsys):
     assert not (tmp_path / "b" / "report.html").exists()
 
 
-def test_report_of_a_checkpoint(tiny_teacher, tiny_caches, tmp_path, capsys):
-    import torch
-
-    # The 2-epoch teacher scores below the default detector threshold; a copy with threshold 0 gives real boxes.
-    state = torch.load(tiny_teacher, weights_only=True)
-    state["model_config"] = json.dumps({**json.loads(state["model_config"]), "score_threshold": 0.0})
-    checkpoint = tmp_path / "low_threshold.pt"
-    torch.save(state, checkpoint)
+def test_report_of_a_checkpoint(low_threshold_teacher, tiny_caches, tmp_path, capsys):
+    checkpoint = low_threshold_teacher
     out = tmp_path / "ev"
     code, err = _run_cli(["evaluate", "--checkpoint", checkpoint, "--cache", tiny_caches["dbt"], "--split", "val",
                           "--out", out, "--bootstrap", "0", "--report"], capsys)

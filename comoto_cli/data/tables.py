@@ -206,6 +206,15 @@ def dbtex_labels(patient_id, study_uid, view) -> dict[str, np.ndarray]:
     return {name: np.asarray(text[name]).astype(str) for name in DBTEX_LABEL_COLUMNS}
 
 
+def rows_by_volume(table: Mapping[str, np.ndarray]) -> dict[tuple[str, str], np.ndarray]:
+    """A DBTex table's row indices per volume, keyed (StudyUID, View) as the scorer keys volumes; rows in file order,
+    volumes in order of first appearance."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for row, key in enumerate(zip(np.asarray(table["StudyUID"]).astype(str), np.asarray(table["View"]).astype(str))):
+        groups.setdefault(key, []).append(row)
+    return {key: np.asarray(rows, dtype=np.int64) for key, rows in groups.items()}
+
+
 def _fmt(value: float) -> str:
     value = float(value)
     if value.is_integer() and abs(value) < 1e15:

@@ -18,15 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from comoto_cli.data.tables import DBTEX_COLUMNS
-
-
-def _volumes(table: dict[str, np.ndarray]) -> dict[tuple[str, str], np.ndarray]:
-    keys = list(zip(table["StudyUID"].astype(str), table["View"].astype(str)))
-    groups: dict[tuple[str, str], list[int]] = {}
-    for row, key in enumerate(keys):
-        groups.setdefault(key, []).append(row)
-    return {key: np.asarray(rows, dtype=np.int64) for key, rows in groups.items()}
+from comoto_cli.data.tables import DBTEX_COLUMNS, rows_by_volume
 
 
 def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -82,7 +74,7 @@ def fuse_predictions(tables: Sequence[dict[str, np.ndarray]], *, iou: float = 0.
     per_volume: dict[tuple[str, str], list[tuple[int, np.ndarray]]] = {}
     patient: dict[tuple[str, str], str] = {}
     for index, table in enumerate(tables):
-        for key, rows in _volumes(table).items():
+        for key, rows in rows_by_volume(table).items():
             per_volume.setdefault(key, []).append((index, rows))
             patient.setdefault(key, str(table["PatientID"][rows[0]]))
     columns: dict[str, list] = {name: [] for name in DBTEX_COLUMNS}

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from comoto_cli.data.tables import rows_by_volume
 from comoto_cli.metrics.dbtex import MIN_HIT_DISTANCE, DbtexTables, operating_threshold, prediction_hits
 
 STATUSES = ("found", "found-below", "missed")
@@ -92,14 +93,6 @@ def _detection(predictions: dict[str, np.ndarray], hits: np.ndarray, row: int) -
                      hit_box=int(hits[row]))
 
 
-def _rows_by_view(table: dict[str, np.ndarray]) -> dict[tuple[str, str], np.ndarray]:
-    keys = list(zip(table["StudyUID"].astype(str), table["View"].astype(str)))
-    groups: dict[tuple[str, str], list[int]] = {}
-    for row, key in enumerate(keys):
-        groups.setdefault(key, []).append(row)
-    return {key: np.asarray(rows, dtype=np.int64) for key, rows in groups.items()}
-
-
 def _near_miss(predictions: dict[str, np.ndarray], rows: np.ndarray, box: tuple[float, ...]) -> int | None:
     """The best-scoring of ``rows`` whose in-plane centre is within the official hit distance of ``box``."""
     if rows.size == 0:
@@ -126,7 +119,7 @@ def _best_hit(scores: np.ndarray, hits: np.ndarray, n_boxes: int) -> np.ndarray:
 
 def _review_lesions(tables: DbtexTables, hits: np.ndarray, threshold: float) -> list[LesionReview]:
     predictions, boxes = tables.predictions, tables.boxes
-    by_view = _rows_by_view(predictions)
+    by_view = rows_by_volume(predictions)
     best_hit = _best_hit(predictions["Score"], hits, len(boxes["Slice"]))
     reviews = []
     for row in range(len(boxes["Slice"])):
@@ -148,7 +141,7 @@ def _review_lesions(tables: DbtexTables, hits: np.ndarray, threshold: float) -> 
 def _review_false_positives(tables: DbtexTables, hits: np.ndarray, per_view: int) -> list[FalsePositiveReview]:
     predictions = tables.predictions
     reviews = []
-    for (study_uid, view), rows in _rows_by_view(predictions).items():
+    for (study_uid, view), rows in rows_by_volume(predictions).items():
         false_rows = rows[hits[rows] < 0]
         order = false_rows[np.argsort(-predictions["Score"][false_rows], kind="stable")][:per_view]
         for rank, row in enumerate(order, start=1):
