@@ -85,11 +85,28 @@ class SplitConfig(StrictModel):
     seed: int = Field(0, ge=0)
     respect_dataset_split: bool = True
     stratify: bool = Field(True, description="split patients with and without lesions separately (each split gets both)")
+    folds: int = Field(0, ge=0, description="k-fold cross-validation: the patients outside test are dealt into this "
+                       "many folds and fold `fold` is the val split (replaces val_fraction; only where the dataset "
+                       "brings no val split of its own); 0 or 1: off")
+    fold: int = Field(0, ge=0, description="which fold is val when folds > 1 (0-based); the test split is the same "
+                      "for every fold of one seed")
+
+    @model_serializer(mode="wrap")
+    def _without_folds_when_off(self, handler):
+        """``folds`` and ``fold`` are left out of the dump when off, so the config hash of every cache made before
+        they existed stays what it was."""
+        data = handler(self)
+        if self.folds <= 1 and self.fold == 0:
+            data.pop("folds", None)
+            data.pop("fold", None)
+        return data
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self) -> SplitConfig:
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError("val_fraction + test_fraction must be < 1")
+        if self.folds > 1 and self.fold >= self.folds:
+            raise ValueError(f"fold {self.fold} does not exist: folds are 0 to {self.folds - 1}")
         return self
 
 

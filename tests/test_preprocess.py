@@ -359,3 +359,36 @@ def test_stratified_split_gives_every_split_lesion_patients():
             assert any(has_lesion[p] for p, s in result.items() if s == split), (seed, split)
     plain = assign_splits(patients, SplitConfig(val_fraction=0.25, test_fraction=0.25, stratify=False), None, has_lesion)
     assert sorted(plain.values()).count("val") == 3
+
+
+@pytest.mark.parametrize("stratify", [True, False])
+def test_k_folds_share_test_and_partition_the_rest_into_val_splits(stratify):
+    patients = [f"P{i:02d}" for i in range(23)]
+    has_lesion = {p: i % 3 == 0 for i, p in enumerate(patients)}
+    folds = [assign_splits(patients, SplitConfig(test_fraction=0.2, seed=4, folds=4, fold=k, stratify=stratify),
+                           None, has_lesion) for k in range(4)]
+    tests = [{p for p, s in result.items() if s == "test"} for result in folds]
+    vals = [{p for p, s in result.items() if s == "val"} for result in folds]
+    assert all(t == tests[0] for t in tests) and len(tests[0]) == 5
+    rest = set(patients) - tests[0]
+    assert set().union(*vals) == rest and sum(len(v) for v in vals) == len(rest)  # disjoint, covering
+    assert max(len(v) for v in vals) - min(len(v) for v in vals) <= (2 if stratify else 1)
+    if stratify:
+        assert all(any(has_lesion[p] for p in v) for v in vals)
+    with pytest.raises(ValueError, match="fold 4 does not exist"):
+        SplitConfig(folds=4, fold=4)
+
+
+def test_fold_flag_reaches_the_split(tiny_synth, tmp_path, capsys):
+    from comoto_cli.cli import main
+
+    out = tmp_path / "fold.h5"
+    with pytest.raises(SystemExit) as info:
+        main(["preprocess", "dbt", str(tiny_synth / "dbt"), "--out", str(out), "--fold", "2/3", "--image-height", "64",
+              "--image-width", "48", "--workers", "1", "--no-progress"])
+    assert info.value.code == 0, capsys.readouterr().err
+    split = SliceCache(out).preprocess_config()["split"]
+    assert (split["folds"], split["fold"]) == (3, 1)
+    with pytest.raises(SystemExit) as info:
+        main(["preprocess", "dbt", str(tmp_path), "--out", str(tmp_path / "x.h5"), "--fold", "6/5"])
+    assert info.value.code == 2 and "1 <= I <= K" in capsys.readouterr().err

@@ -64,6 +64,27 @@ def _run(modality: str, root: Path, out: Path, config_file: Path | None, progres
         console.print(table)
 
 
+_FOLD_HELP = ("k-fold cross-validation: fold I of K (1-based) is the val split, the others train; the test split "
+              "is the same for every fold of one --split-seed. Replaces --val-fraction.")
+
+
+def _check_fold(value: str | None) -> str | None:
+    if value is None:
+        return None
+    parts = value.split("/")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or not 1 <= int(parts[0]) <= int(parts[1]) \
+            or int(parts[1]) < 2:
+        raise typer.BadParameter(f"{value!r}: give I/K with 1 <= I <= K and K >= 2, e.g. 2/5")
+    return value
+
+
+def _fold_fields(fold: str | None) -> dict:
+    if fold is None:
+        return {}
+    index, count = (int(p) for p in fold.split("/"))
+    return {"split__folds": count, "split__fold": index - 1}
+
+
 _WORKERS_HELP = "Worker processes (0 = as many as the cores and the free memory allow)."
 _CSV_HELP = ("BCS-DBT {what} CSV (default: found in ROOT by its columns). Repeat it with SPLIT=CSV, SPLIT one of "
              "train, validation, test, to keep the dataset's own split, e.g. --{what}-csv train=F1 "
@@ -88,6 +109,7 @@ def dbt(
     val_fraction: float | None = typer.Option(None, "--val-fraction", help="Fraction of patients for validation."),
     test_fraction: float | None = typer.Option(None, "--test-fraction", help="Fraction of patients for test."),
     split_seed: int | None = typer.Option(None, "--split-seed", help="Seed of the patient split."),
+    fold: str | None = typer.Option(None, "--fold", metavar="I/K", callback=_check_fold, help=_FOLD_HELP),
     lesion_slice_offset: int | None = typer.Option(
         None, "--lesion-slice-offset", help="Training slices: lesion centre +- this many neighbours."),
     normal_slices: int | None = typer.Option(
@@ -109,7 +131,7 @@ def dbt(
     """DBT volumes (BCS-DBT layout) -> slice cache: lesion slices for training, every slice for val/test."""
     _run("dbt", root, out, config, not no_progress, shard, image_height=image_height, image_width=image_width,
          split__val_fraction=val_fraction, split__test_fraction=test_fraction, split__seed=split_seed,
-         lesion_slice_offset=lesion_slice_offset, normal_slices_per_volume=normal_slices, workers=workers,
+         **_fold_fields(fold), lesion_slice_offset=lesion_slice_offset, normal_slices_per_volume=normal_slices, workers=workers,
          decoder=decoder,
          on_error=on_error, file_paths_csv=file_paths_csv or None, labels_csv=labels_csv or None,
          boxes_csv=boxes_csv or None, dataset=dataset, inputs=inputs or None)
@@ -126,6 +148,7 @@ def mammo(
     test_fraction: float | None = typer.Option(
         None, "--test-fraction", help="Fraction of patients for test (unused when the dataset has a test split)."),
     split_seed: int | None = typer.Option(None, "--split-seed", help="Seed of the patient split."),
+    fold: str | None = typer.Option(None, "--fold", metavar="I/K", callback=_check_fold, help=_FOLD_HELP),
     workers: int | None = typer.Option(None, "--workers", "-j", help=_WORKERS_HELP),
     decoder: str | None = typer.Option(None, "--decoder", help=_DECODER_HELP),
     on_error: str | None = typer.Option(None, "--on-error", help="fail (default) or skip bad inputs."),
@@ -143,5 +166,6 @@ def mammo(
     """Mammograms (VinDr-Mammo layout or a generic manifest) -> slice cache: every image, with its boxes."""
     _run("mammo", root, out, config, not no_progress, shard, image_height=image_height, image_width=image_width,
          split__val_fraction=val_fraction, split__test_fraction=test_fraction, split__seed=split_seed,
-         workers=workers, decoder=decoder, on_error=on_error, annotations_csv=annotations_csv, manifest_csv=manifest_csv,
+         **_fold_fields(fold), workers=workers, decoder=decoder, on_error=on_error, annotations_csv=annotations_csv,
+         manifest_csv=manifest_csv,
          accept_modality=accept_modality or None, dataset=dataset, inputs=inputs or None)

@@ -7,6 +7,11 @@ same split whatever order the CSVs list them in. A dataset's own split (VinDr-Ma
 splits it does not provide are carved out of its remaining (training) patients, so a dataset that provides all
 three is kept as it is.
 
+k-fold cross-validation (``folds`` k > 1): test is carved as above, then the remaining patients, in the seeded
+order, are dealt into k folds (patient j of the group goes to fold j mod k), fold ``fold`` being val; with
+stratification each lesion group is dealt separately, so every fold gets lesion patients. The permutation does not
+depend on ``fold``, so the k caches of one seed share their test patients and their val splits partition the rest.
+
 Split names and the split a CSV file stands for are in :mod:`comoto_cli.utils.split_names`.
 """
 
@@ -30,9 +35,19 @@ def _held_out_count(fraction: float, total: int) -> int:
 
 
 def _carve(pool: list[str], total: int, fractions: Mapping[str, float], provided: set[str],
-           rng: np.random.Generator, assigned: dict[str, str]) -> None:
+           rng: np.random.Generator, assigned: dict[str, str], folds: tuple[int, int] = (0, 0)) -> None:
     """Assign ``pool`` (patients without a dataset split) to test/val/train in place; fractions are of ``total``
-    (all patients of the group, dataset-split ones included); at least one pool patient is kept for train."""
+    (all patients of the group, dataset-split ones included); at least one pool patient is kept for train.
+    ``folds`` (k, i) with k > 1: after test, the shuffled patients are dealt into k folds and fold i is val."""
+    count, fold = folds
+    if count > 1 and "val" not in provided:
+        n_test = 0 if "test" in provided else min(_held_out_count(fractions["test"], total), max(len(pool) - 2, 0))
+        shuffled = [pool[i] for i in rng.permutation(len(pool))]
+        for patient in shuffled[:n_test]:
+            assigned[patient] = "test"
+        for position, patient in enumerate(shuffled[n_test:]):
+            assigned[patient] = "val" if position % count == fold else "train"
+        return
     wanted = {name: (0 if name in provided else _held_out_count(fraction, total)) for name, fraction in fractions.items()}
     while wanted["test"] + wanted["val"] > max(len(pool) - 1, 0) and (wanted["test"] or wanted["val"]):
         larger = "test" if wanted["test"] >= wanted["val"] else "val"
@@ -75,14 +90,15 @@ def assign_splits(patients: Iterable[str], config: SplitConfig,
         else:
             pool.append(patient)  # dataset says train, or nothing: candidates for the carved splits
     fractions = {"test": config.test_fraction, "val": config.val_fraction}
+    folds = (config.folds, config.fold)
     rng = np.random.default_rng(config.seed)
     if config.stratify and has_lesion is not None:
         for group in (True, False):
             members = [p for p in ordered if bool(has_lesion.get(p, False)) == group]
             _carve([p for p in pool if bool(has_lesion.get(p, False)) == group], len(members), fractions, provided,
-                   rng, assigned)
+                   rng, assigned, folds)
     else:
-        _carve(pool, len(ordered), fractions, provided, rng, assigned)
+        _carve(pool, len(ordered), fractions, provided, rng, assigned, folds)
     return assigned
 
 
