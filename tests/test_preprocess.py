@@ -17,7 +17,7 @@ import pytest
 from comoto_cli.cache.h5cache import SliceCache
 from comoto_cli.config import PreprocessConfig, SplitConfig
 from comoto_cli.data.splits import assign_splits
-from comoto_cli.errors import InputDataError
+from comoto_cli.errors import InputDataError, UsageError
 from comoto_cli.preprocess.pipeline import preprocess, preprocess_config_hash
 from comoto_cli.preprocess.summary import cache_content_hash, cache_summary
 from comoto_cli.transforms.geometry import cache_to_official
@@ -377,6 +377,12 @@ def test_k_folds_share_test_and_partition_the_rest_into_val_splits(stratify):
         assert all(any(has_lesion[p] for p in v) for v in vals)
     with pytest.raises(ValueError, match="fold 4 does not exist"):
         SplitConfig(folds=4, fold=4)
+    own_val = {patients[0]: "val"}
+    with pytest.raises(UsageError, match="its own val split"):
+        assign_splits(patients, SplitConfig(folds=4), own_val, has_lesion)
+    ignored = assign_splits(patients, SplitConfig(test_fraction=0.2, seed=4, folds=4, stratify=stratify,
+                                                  respect_dataset_split=False), own_val, has_lesion)
+    assert ignored == folds[0]  # the dataset's split set aside, fold 0 is as before
 
 
 def test_fold_flag_reaches_the_split(tiny_synth, tmp_path, capsys):

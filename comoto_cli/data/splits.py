@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from comoto_cli.config import SplitConfig
+from comoto_cli.errors import UsageError
 from comoto_cli.utils.split_names import normalize_split
 
 
@@ -82,6 +83,9 @@ def assign_splits(patients: Iterable[str], config: SplitConfig,
             if split is not None:
                 given[patient] = split
     provided = set(given.values())
+    if config.folds > 1 and "val" in provided:
+        raise UsageError("split.folds: the dataset brings its own val split; folds would replace it. Keep it, or "
+                         "set split.respect_dataset_split false to fold the patients outside its test split")
     pool: list[str] = []
     for patient in ordered:
         split = given.get(patient)
