@@ -47,7 +47,7 @@ def _dicom_name(file_id: str) -> str:
 
 
 def _roi(index: int, name: str, points: list[tuple[float, float]]) -> dict:
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    xs, ys = [p[0] for p in points] or [0.0], [p[1] for p in points] or [0.0]
     return {"Area": 0.0, "Center": f"({np.mean(xs):.6f}, {np.mean(ys):.6f}, 0.000000)", "Dev": 0.0,
             "IndexInImage": index, "Max": 0.0, "Mean": 0.0, "Min": 0.0, "Name": name,
             "NumberOfPoints": len(points), "Point_mm": [f"({x * 0.07:.6f}, {y * 0.07:.6f}, 0.000000)" for x, y in points],
@@ -139,15 +139,17 @@ def _run(argv: list[str], capsys) -> tuple[int, str]:
     return int(exit_info.value.code or 0), capsys.readouterr().err
 
 
-def _point_line(path: Path, region: int) -> int:
-    lines = [n for n, line in enumerate(path.read_text().splitlines(), 1) if "<key>Point_px</key>" in line]
-    return lines[region]
+def _region_line(path: Path, region: int) -> int:
+    """The line the region's <dict> opens on (the dictionaries after the ROIs key, in order)."""
+    lines = path.read_text().splitlines()
+    after = next(n for n, line in enumerate(lines, 1) if "<key>ROIs</key>" in line)
+    return [n for n, line in enumerate(lines, 1) if n > after and line.strip() == "<dict>"][region]
 
 
 def _flat_mass(root: Path) -> tuple[Path, str | None, str, str]:
     xml = root / "AllXML" / "22614097.xml"
     write_xml(xml, [("Nodule", [(10, 10), (20, 10)])])
-    return xml, f"row {_point_line(xml, 0)}", "outlines no area", "22614097"
+    return xml, f"row {_region_line(xml, 0)}", "outlines no area", "22614097"
 
 
 def _orphan_xml(root: Path) -> tuple[Path, str | None, str, str | None]:
@@ -162,7 +164,21 @@ def _broken_xml(root: Path) -> tuple[Path, str | None, str, str | None]:
     return xml, "row 1", "not an OsiriX plist", "22614074"
 
 
-@pytest.mark.parametrize("make_bad", [_flat_mass, _orphan_xml, _broken_xml])
+def _region_without_outline(root: Path) -> tuple[Path, str | None, str, str | None]:
+    xml = root / "AllXML" / "20586908.xml"
+    write_xml(xml, [("Mass", _outline(30, 40, 10, 8)), ("Cluster", []), ("Mass", _outline(20, 20, 5, 5))])
+    return xml, f"row {_region_line(xml, 1)}", "region 2 (Cluster) has no outline", "20586908"
+
+
+def _malformed_point(root: Path) -> tuple[Path, str | None, str, str | None]:
+    xml = root / "AllXML" / "22614074.xml"
+    write_xml(xml, [("Mass", [(1, 1), (5, 5)])])
+    xml.write_text(xml.read_text().replace("(1.000000, 1.000000)", "(1..0, 1.0)"))
+    return xml, f"row {_region_line(xml, 0)}", "region 1 (Mass) has no outline", "22614074"
+
+
+@pytest.mark.parametrize("make_bad", [_flat_mass, _orphan_xml, _broken_xml, _region_without_outline,
+                                      _malformed_point])
 def test_a_bad_annotation_is_one_line_naming_the_xml_or_is_skipped(make_bad, inbreast, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("COMOTO_DEBUG", raising=False)
     xml, where, needle, left_out = make_bad(inbreast)

@@ -66,7 +66,7 @@ def test_runs_on_different_patients_cannot_be_paired():
     a = _tables(np.ones(PATIENTS, bool), rng)
     b = _tables(np.ones(PATIENTS, bool), rng)
     b.labels["PatientID"] = np.char.add(b.labels["PatientID"], "x")
-    with pytest.raises(InputDataError, match="different test patients"):
+    with pytest.raises(InputDataError, match="different test patients or lesions"):
         paired_difference([a], [b], n=10, seed=0)
     with pytest.raises(ValueError, match="differ in number"):
         paired_difference([a, a], [a], n=10, seed=0)

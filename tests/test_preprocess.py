@@ -372,11 +372,14 @@ def test_k_folds_share_test_and_partition_the_rest_into_val_splits(stratify):
     assert all(t == tests[0] for t in tests) and len(tests[0]) == 5
     rest = set(patients) - tests[0]
     assert set().union(*vals) == rest and sum(len(v) for v in vals) == len(rest)  # disjoint, covering
-    assert max(len(v) for v in vals) - min(len(v) for v in vals) <= (2 if stratify else 1)
+    assert max(len(v) for v in vals) - min(len(v) for v in vals) <= 1
     if stratify:
         assert all(any(has_lesion[p] for p in v) for v in vals)
     with pytest.raises(ValueError, match="fold 4 does not exist"):
         SplitConfig(folds=4, fold=4)
+    few = {p: i < 5 for i, p in enumerate(patients)}  # 5 lesion patients, 1 of them to test: 4 left for 5 folds
+    with pytest.raises(UsageError, match="use fewer folds"):
+        assign_splits(patients, SplitConfig(test_fraction=0.2, folds=5), None, few)
     own_val = {patients[0]: "val"}
     with pytest.raises(UsageError, match="its own val split"):
         assign_splits(patients, SplitConfig(folds=4), own_val, has_lesion)
@@ -390,11 +393,11 @@ def test_fold_flag_reaches_the_split(tiny_synth, tmp_path, capsys):
 
     out = tmp_path / "fold.h5"
     with pytest.raises(SystemExit) as info:
-        main(["preprocess", "dbt", str(tiny_synth / "dbt"), "--out", str(out), "--fold", "2/3", "--image-height", "64",
+        main(["preprocess", "dbt", str(tiny_synth / "dbt"), "--out", str(out), "--fold", "2/2", "--image-height", "64",
               "--image-width", "48", "--workers", "1", "--no-progress"])
     assert info.value.code == 0, capsys.readouterr().err
     split = SliceCache(out).preprocess_config()["split"]
-    assert (split["folds"], split["fold"]) == (3, 1)
+    assert (split["folds"], split["fold"]) == (2, 1)
     with pytest.raises(SystemExit) as info:
         main(["preprocess", "dbt", str(tmp_path), "--out", str(tmp_path / "x.h5"), "--fold", "6/5"])
     assert info.value.code == 2 and "1 <= I <= K" in capsys.readouterr().err

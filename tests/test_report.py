@@ -233,3 +233,21 @@ def _tags(text: str):
 
     Collector().feed(text)
     return tags
+
+
+def test_a_near_miss_says_why_it_missed(tmp_path):
+    """A detection on lesion A's centre but 16 slices off (window +-15) hits lesion B, 100 px away on its own slice:
+    A's card must say the slice window, not that a nearer lesion took the hit."""
+    from comoto_cli.evaluation.html_report import write_html_report
+
+    boxes = dbtex_boxes(["P", "P"], ["S", "S"], ["lcc", "lcc"], [0.0, 100.0], [0.0, 0.0], [50.0, 50.0],
+                        [50.0, 50.0], [10.0, 26.0], [60.0, 60.0])
+    labels = dbtex_labels(["P"], ["S"], ["lcc"])
+    tables = DbtexTables(predictions=_predictions([("S", "lcc", 0, 0, 50, 50, 26, 0.9)]), boxes=boxes, labels=labels)
+    tables.predictions["PatientID"] = np.array(["P"])
+    review = write_html_report(tmp_path / "r.html", tables, {**score_dbtex(tables), "counts": {}}, images=None,
+                               froc_png=None, title="t", inputs={}, progress=False)
+    assert [lesion.status for lesion in review.lesions] == ["missed", "found"]
+    assert review.lesions[0].detection.hit_box == 1
+    page = (tmp_path / "r.html").read_text()
+    assert "near miss, outside the slice window" in page and "counted for a nearer lesion" not in page

@@ -8,8 +8,9 @@ splits it does not provide are carved out of its remaining (training) patients, 
 three is kept as it is.
 
 k-fold cross-validation (``folds`` k > 1): test is carved as above, then the remaining patients, in the seeded
-order, are dealt into k folds (patient j of the group goes to fold j mod k), fold ``fold`` being val; with
-stratification each lesion group is dealt separately, so every fold gets lesion patients. The permutation does not
+order, are dealt into k folds (the j-th patient dealt goes to fold j mod k), fold ``fold`` being val; with
+stratification the lesion patients are dealt first, then the others where they stopped, so the folds differ by one
+patient at most and every fold gets lesion patients (fewer lesion patients than folds is refused). The permutation does not
 depend on ``fold``, so the k caches of one seed share their test patients and their val splits partition the rest.
 
 Split names and the split a CSV file stands for are in :mod:`comoto_cli.utils.split_names`.
@@ -36,18 +37,25 @@ def _held_out_count(fraction: float, total: int) -> int:
 
 
 def _carve(pool: list[str], total: int, fractions: Mapping[str, float], provided: set[str],
-           rng: np.random.Generator, assigned: dict[str, str], folds: tuple[int, int] = (0, 0)) -> None:
+           rng: np.random.Generator, assigned: dict[str, str], folds: tuple[int, int, list[int]] | None = None,
+           group: str = "") -> None:
     """Assign ``pool`` (patients without a dataset split) to test/val/train in place; fractions are of ``total``
     (all patients of the group, dataset-split ones included); at least one pool patient is kept for train.
-    ``folds`` (k, i) with k > 1: after test, the shuffled patients are dealt into k folds and fold i is val."""
-    count, fold = folds
-    if count > 1 and "val" not in provided:
+    ``folds`` (k, i, dealt) with k > 1: after test, the shuffled patients are dealt into k folds, fold i is val;
+    ``dealt[0]`` counts the patients dealt so far, so dealing goes on where the previous group stopped."""
+    if folds is not None and folds[0] > 1 and "val" not in provided:
+        count, fold, dealt = folds
         n_test = 0 if "test" in provided else min(_held_out_count(fractions["test"], total), max(len(pool) - 2, 0))
         shuffled = [pool[i] for i in rng.permutation(len(pool))]
+        if group == "lesion" and len(shuffled) - n_test < count:
+            raise UsageError(f"split.folds {count}: only {len(shuffled) - n_test} patients with lesions outside the "
+                             "test split, so some folds' val splits would have no lesion (the DBTex metric is "
+                             "undefined there); use fewer folds")
         for patient in shuffled[:n_test]:
             assigned[patient] = "test"
-        for position, patient in enumerate(shuffled[n_test:]):
-            assigned[patient] = "val" if position % count == fold else "train"
+        for patient in shuffled[n_test:]:
+            assigned[patient] = "val" if dealt[0] % count == fold else "train"
+            dealt[0] += 1
         return
     wanted = {name: (0 if name in provided else _held_out_count(fraction, total)) for name, fraction in fractions.items()}
     while wanted["test"] + wanted["val"] > max(len(pool) - 1, 0) and (wanted["test"] or wanted["val"]):
@@ -94,13 +102,13 @@ def assign_splits(patients: Iterable[str], config: SplitConfig,
         else:
             pool.append(patient)  # dataset says train, or nothing: candidates for the carved splits
     fractions = {"test": config.test_fraction, "val": config.val_fraction}
-    folds = (config.folds, config.fold)
+    folds = (config.folds, config.fold, [0])
     rng = np.random.default_rng(config.seed)
     if config.stratify and has_lesion is not None:
         for group in (True, False):
             members = [p for p in ordered if bool(has_lesion.get(p, False)) == group]
             _carve([p for p in pool if bool(has_lesion.get(p, False)) == group], len(members), fractions, provided,
-                   rng, assigned, folds)
+                   rng, assigned, folds, "lesion" if group else "normal")
     else:
         _carve(pool, len(ordered), fractions, provided, rng, assigned, folds)
     return assigned

@@ -93,9 +93,9 @@ def _lesion_card(lesion: LesionReview, images: CacheImages | None) -> str:
     if detection is None:
         found = "no detection near it"
     else:
+        within = abs(lesion.slice_offset) <= lesion.volume_slices / 4
         kind = "best hit" if lesion.status != "missed" else (
-            "near miss, outside the slice window" if detection.hit_box < 0 else
-            "near miss, counted for a nearer lesion of this view")
+            "near miss, counted for a nearer lesion of this view" if within else "near miss, outside the slice window")
         found = (f"{kind}: score {detection.score:.3f}; centre {lesion.centre_distance:.0f} px away (hit radius "
                  f"{lesion.hit_radius:.0f}), slice offset {lesion.slice_offset:+.1f} (hit window "
                  f"&plusmn;{lesion.volume_slices / 4:g})")

@@ -1,12 +1,11 @@
 """Ensembles of detectors: weighted box fusion (Solovyev et al., 2021) of several DBTex prediction tables.
 
 Each member table is one model's detections (already through volume NMS), e.g. the runs of several seeds or folds.
-Per volume (StudyUID, View), every member's boxes are taken best first; a box joins the first cluster whose fused
-box overlaps it with IoU > ``iou`` and whose fused slice is within ``slice_window`` slices, else it starts a new
-cluster. A cluster's box and slice are the score-weighted means of its members'; its score is the mean member
-score times ``min(members, models) / models``, so a box that only some models found counts for less (the rule of
-the WBF paper). A cluster takes at most one box per member: a member's second box in the same cluster starts a
-cluster of its own, so one model cannot vote twice.
+Per volume (StudyUID, View), every member's boxes are taken best first; a box joins the cluster whose fused box
+overlaps it most, among those with IoU > ``iou``, a fused slice within ``slice_window`` slices and no box of the
+same member yet, else it starts a new cluster. A cluster's box and slice are the score-weighted means of its
+members'; its score is the mean member score times ``members / models`` (a cluster holds one box per model at
+most), so a box that only some models found counts for less, the rule of the WBF paper.
 
 Boxes stay in the tables' frame (the official frame at full resolution); ``Z`` becomes the rounded weighted slice and
 ``Depth`` 0, as our volume inference writes them. The result is best first per volume and capped at ``max_boxes``.
@@ -42,7 +41,8 @@ def _fuse_volume(boxes: np.ndarray, slices: np.ndarray, scores: np.ndarray, memb
         if fused_boxes:
             overlaps = _iou(boxes[index], np.asarray(fused_boxes))
             near = np.abs(np.asarray(fused_slices) - slices[index]) <= slice_window
-            for cluster in np.flatnonzero((overlaps > iou) & near):
+            eligible = np.flatnonzero((overlaps > iou) & near)
+            for cluster in eligible[np.argsort(-overlaps[eligible], kind="stable")]:  # the best overlap first
                 if member[index] not in sums[cluster][4]:
                     chosen = int(cluster)
                     break

@@ -471,9 +471,11 @@ def paired_difference(runs_a: list[DbtexTables], runs_b: list[DbtexTables], n: i
     interval holds the patient variation the two methods share out of their difference. (nan, nan) with ``n`` 0."""
     if not runs_a or len(runs_a) != len(runs_b):
         raise ValueError(f"paired runs differ in number: {len(runs_a)} and {len(runs_b)}")
-    keys = {tuple(np.sort(t.labels["PatientID"].astype(str))) for t in (*runs_a, *runs_b)}
+    keys = {(tuple(np.sort(t.labels["PatientID"].astype(str))),
+             tuple(np.sort(np.char.add(t.boxes["StudyUID"].astype(str), t.boxes["View"].astype(str)))))
+            for t in (*runs_a, *runs_b)}
     if len(keys) != 1:
-        raise InputDataError("paired runs were scored on different test patients")
+        raise InputDataError("paired runs were scored on different test patients or lesions")
     matched = [_match(t) for t in (*runs_a, *runs_b)]
     for tables, match in zip((*runs_a, *runs_b), matched):
         _check_denominators(tables, match)

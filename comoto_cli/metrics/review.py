@@ -8,8 +8,9 @@ positives per volume (:func:`comoto_cli.metrics.dbtex.operating_threshold`):
 - ``found``: a hitting prediction scores at least the operating threshold;
 - ``found-below``: hit only by predictions scoring below it (counted further along the FROC curve);
 - ``missed``: no prediction hits it. Its *detection* is then the best-scoring prediction of the view whose
-  in-plane centre is within the hit distance, if there is one: either its slices are outside the window, or it
-  hits another lesion of the view that lies nearer (``Detection.hit_box``).
+  in-plane centre is within the hit distance, if there is one: either its slice is outside this lesion's window,
+  or it is inside and the official rule gave the hit to another lesion of the view, nearer in 3-D
+  (``Detection.hit_box``).
 
 All coordinates are those of the tables: the official frame at full resolution, slices as the CSVs count them.
 """

@@ -16,7 +16,7 @@ any other name becomes a box of that class, lower-cased, so nothing unknown is d
 Patient: the name's patient part; study: the same (the release has no study UID in its names); no split of its
 own (the fractions apply). The release's INbreast.xls (BI-RADS, density) is not read.
 
-Errors about a region name its XML and the line of its ``Point_px`` key; errors about an image name its XML too
+Errors about a region name its XML and the line its ``<dict>`` opens on; errors about an image name its XML too
 (line 1), or, for an image without findings, the XML it would have: the cache's input fingerprint hashes every
 image's XML, absent ones included, so adding or editing annotations rebuilds the cache.
 """
@@ -110,19 +110,26 @@ def _boxes(xml: Path) -> list[LesionBox]:
         raise BadRow(f"not an OsiriX plist ({' '.join(str(exc).split())})", 1) from None
     except (KeyError, IndexError, TypeError):
         raise BadRow("no Images[0].ROIs in the plist", 1) from None
-    lines = _point_lines(data.decode("utf-8", errors="replace"))
+    if not isinstance(rois, list):
+        raise BadRow("Images[0].ROIs is not an array of regions", 1)
+    lines = _region_lines(data.decode("utf-8", errors="replace"))
     boxes = []
     for index, roi in enumerate(rois):
         line = lines[index] if index < len(lines) else 1
-        name = str(roi.get("Name", "")).strip() if isinstance(roi, dict) else ""
+        if not isinstance(roi, dict):
+            raise BadRow(f"region {index + 1} is not a dictionary", line)
+        name = str(roi.get("Name", "")).strip()
         if LEFT_OUT.fullmatch(name):
             continue
         points = [POINT.fullmatch(str(text).strip()) for text in (roi.get("Point_px") or [])]
-        if not points or None in points:
+        try:
+            xs = [float(point.group(1)) for point in points]
+            ys = [float(point.group(2)) for point in points]
+        except (AttributeError, ValueError):  # no match, or a number such as '1..2'
+            xs = []
+        if not xs:
             raise BadRow(f"region {index + 1} ({name or 'unnamed'}) has no outline of '(x, y)' points in Point_px",
                          line)
-        xs = [float(point.group(1)) for point in points]
-        ys = [float(point.group(2)) for point in points]
         if max(xs) <= min(xs) or max(ys) <= min(ys):
             raise BadRow(f"region {index + 1} ({name}) outlines no area: x {min(xs):g}..{max(xs):g}, "
                          f"y {min(ys):g}..{max(ys):g}", line)
@@ -131,6 +138,10 @@ def _boxes(xml: Path) -> list[LesionBox]:
     return boxes
 
 
-def _point_lines(text: str) -> list[int]:
-    """The line of each region's ``Point_px`` key, in document order (one per region)."""
-    return [text.count("\n", 0, match.start()) + 1 for match in re.finditer(r"<key>\s*Point_px\s*</key>", text)]
+def _region_lines(text: str) -> list[int]:
+    """The line each region's ``<dict>`` opens on, in document order: the dictionaries after the first ``ROIs`` key
+    (a region holds no dictionary of its own, so the k-th is region k)."""
+    start = re.search(r"<key>\s*ROIs\s*</key>", text)
+    if start is None:
+        return []
+    return [text.count("\n", 0, match.start()) + 1 for match in re.compile(r"<dict\s*>").finditer(text, start.end())]

@@ -104,7 +104,7 @@ class _Lines:
 
 
 def _client_records(root: Path, client: Path, listing: Path, skipped: Skipped | None) -> list[ImageRecord]:
-    text = listing.read_text(encoding="utf-8", errors="replace")
+    text = listing.read_text(encoding="utf-8-sig", errors="replace")
     try:
         studies = json.loads(text).get("STUDIES")
     except (json.JSONDecodeError, AttributeError) as exc:
@@ -188,7 +188,7 @@ def _header(study_folder: Path, image_uid: str, dicom: Path) -> dict | None:
         path = study_folder / name
         if path.is_file():
             try:
-                document = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+                document = json.loads(path.read_text(encoding="utf-8-sig", errors="replace"))
             except json.JSONDecodeError as exc:
                 raise BadRow(f"its header {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
             if not isinstance(document, dict):
