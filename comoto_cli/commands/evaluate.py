@@ -112,10 +112,12 @@ def evaluate(
 
 
 def _evaluate_csv(settings: EvaluateConfig) -> None:
-    from comoto_cli.evaluation.html_report import write_csv_report
+    from comoto_cli.evaluation.html_report import check_report_cache, write_csv_report
     from comoto_cli.metrics.dbtex import counting_volumes, read_dbtex_csvs
     from comoto_cli.metrics.report import write_dbtex_report
 
+    if settings.report and settings.cache is not None:  # a bad picture source fails before the scoring work
+        check_report_cache(settings.cache)
     tables = counting_volumes(read_dbtex_csvs(settings.predictions, settings.boxes, settings.labels),
                               settings.volumes)
     out_dir = Path(settings.out)

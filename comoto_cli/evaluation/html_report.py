@@ -208,6 +208,15 @@ def write_csv_report(out_dir: str | Path, tables: DbtexTables, payload: dict[str
         cache.close()
 
 
+def check_report_cache(cache_path: Path) -> None:
+    """The picture source of a report exists, is a readable cache and holds DBT volumes (one line otherwise)."""
+    cache = SliceCache(cache_path)
+    try:
+        require_dbt_cache(cache)
+    finally:
+        cache.close()
+
+
 def require_dbt_cache(cache: SliceCache) -> None:
     if cache.modality != "dbt":
         raise UsageError(f"report.html reviews DBT volumes; this cache holds {cache.modality} images (per-image "
