@@ -254,6 +254,15 @@ class ModelConfig(StrictModel):
         "level name such as 'fpn0'",
     )
     weights: Path | None = Field(None, description="optional user-supplied weights file (state dict, weights_only)")
+    matcher: Literal["atss", "iou"] = Field(
+        "atss", description="anchor matching: atss (MONAI's ATSS, 4 candidates per level), or iou (an anchor is a "
+        "lesion at IoU >= 0.5 with a box, background below 0.4, ignored between; every box keeps its best anchors), "
+        "the reference's torchvision rule")
+    focal_alpha: float | None = Field(None, gt=0.0, lt=1.0, description="focal loss alpha (the reference: 0.25); "
+                                      "null: no class weighting")
+    box_loss: Literal["smooth_l1", "l1"] = Field(
+        "smooth_l1", description="box regression loss on encoded deltas: smooth_l1 (beta 1/9, MONAI's) or l1 (the "
+        "reference's)")
     score_threshold: float = Field(0.02, ge=0.0, le=1.0)
     nms_threshold: float = Field(0.22, gt=0.0, le=1.0)
     detections_per_image: int = Field(100, ge=1)

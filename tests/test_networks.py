@@ -342,3 +342,38 @@ def test_flip_tta_detections_mirror_with_the_image():
         torch.testing.assert_close(got["boxes"], boxes, rtol=0, atol=1e-3)
         assert float(got["scores"][0]) >= float(alone["scores"][0])
         assert not torch.equal(got["boxes"], alone["boxes"])  # the mirror pass added or changed detections
+
+
+def test_iou_matcher_follows_the_torchvision_rule():
+    from comoto_cli.networks.detector import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, IouMatcher
+
+    anchors = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 12], [0, 0, 10, 20], [50, 50, 60, 60], [0, 0, 10, 14],
+                            [100, 100, 104, 104]], dtype=torch.float32)
+    boxes = torch.tensor([[0, 0, 10, 10], [100, 100, 130, 130]], dtype=torch.float32)
+    matched = IouMatcher()(boxes, anchors)
+    # IoU with box 0: 1, 10/12, 0.5, 0, 10/14 (~0.71); the small anchor inside box 1 has IoU 16/900 < 0.4 but is
+    # box 1's best anchor: kept as a low-quality match.
+    assert matched.tolist() == [0, 0, 0, BELOW_LOW_THRESHOLD, 0, 1]
+    ignored = IouMatcher(high=0.9, low=0.6)(boxes, anchors)
+    assert ignored.tolist() == [0, BETWEEN_THRESHOLDS, BELOW_LOW_THRESHOLD, BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, 1]
+    assert IouMatcher()(torch.zeros((0, 4)), anchors).tolist() == [BELOW_LOW_THRESHOLD] * 6
+
+
+def test_reference_matcher_and_losses_train():
+    """The reference's detection rules (IoU matcher, focal alpha 0.25, L1 box loss) are switches that train."""
+    torch.manual_seed(0)
+    detector = build_detector(tiny_config(matcher="iou", focal_alpha=0.25, box_loss="l1"), (HEIGHT, WIDTH))
+    assert isinstance(detector.detector.box_loss_func, torch.nn.L1Loss)
+    assert detector.detector.cls_loss_func.alpha == 0.25
+    images, targets = lesion_batch()
+    optimizer = torch.optim.SGD(detector.parameters(), lr=0.01, momentum=0.9)
+    detector.train()
+    history = []
+    for _ in range(30):
+        losses, _ = detector.forward_train(images, targets)
+        loss = losses["classification"] + losses["box_regression"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(loss.item())
+    assert all(np.isfinite(history)) and sum(history[-5:]) / 5 < 0.5 * sum(history[:3]) / 3

@@ -25,8 +25,8 @@ import torch
 from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
 from monai.apps.detection.networks.retinanet_network import RetinaNet
 from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
-from monai.apps.detection.utils.ATSS_matcher import ATSSMatcher
-from monai.data.box_utils import clip_boxes_to_image
+from monai.apps.detection.utils.ATSS_matcher import ATSSMatcher, Matcher
+from monai.data.box_utils import box_iou, clip_boxes_to_image
 from monai.losses import FocalLoss
 from torch import Tensor, nn
 
@@ -44,6 +44,9 @@ ATSS_CANDIDATES = 4
 
 # MONAI box order (axis 0 first) <-> (x, y) image order: the same permutation both ways.
 _SWAP_XY = [1, 0, 3, 2]
+
+# MONAI's matched-index codes: background and ignored anchors.
+BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS = Matcher.BELOW_LOW_THRESHOLD, Matcher.BETWEEN_THRESHOLDS
 
 # RetinaNet's heads use GroupNorm(8 groups): the FPN width must be a multiple of 8.
 _HEAD_GROUPS = 8
@@ -64,8 +67,10 @@ class AtssRetinaNetDetector(RetinaNetDetector):
         targets: list[dict[str, Tensor]],
         num_anchor_locs_per_level: Sequence[int],
     ) -> list[Tensor]:
+        if isinstance(self.proposal_matcher, IouMatcher):
+            return [self.proposal_matcher(t[self.target_box_key].to(a.device), a) for a, t in zip(anchors, targets)]
         if not isinstance(self.proposal_matcher, ATSSMatcher):
-            raise NotImplementedError("only MONAI's ATSS matcher is supported (set_atss_matcher)")
+            raise NotImplementedError("only MONAI's ATSS matcher and IouMatcher are supported")
         matched_idxs = []
         for anchors_per_image, targets_per_image in zip(anchors, targets):
             boxes = targets_per_image[self.target_box_key]
@@ -85,6 +90,31 @@ class AtssRetinaNetDetector(RetinaNetDetector):
             )
             matched_idxs.append(matched)
         return matched_idxs
+
+
+class IouMatcher:
+    """The IoU anchor matcher of torchvision's RetinaNet (the reference's), without torchvision: an anchor takes the
+    box it overlaps most when that IoU is >= ``high`` (0.5), is background below ``low`` (0.4) and ignored between;
+    each box also keeps every anchor of its own highest IoU (low-quality matches, as torchvision allows), so a small
+    lesion is never left without a positive anchor. Returns (A,) int64: box index, -1 background, -2 ignored
+    (MONAI's codes)."""
+
+    def __init__(self, high: float = 0.5, low: float = 0.4):
+        self.high, self.low = high, low
+
+    def __call__(self, boxes: Tensor, anchors: Tensor) -> Tensor:
+        matched = torch.full((anchors.shape[0],), BELOW_LOW_THRESHOLD, dtype=torch.int64, device=anchors.device)
+        if boxes.numel() == 0:
+            return matched
+        iou = box_iou(boxes, anchors)  # (G, A)
+        best_iou, best_box = iou.max(dim=0)
+        matched = torch.where(best_iou >= self.high, best_box, matched)
+        matched = torch.where((best_iou >= self.low) & (best_iou < self.high), BETWEEN_THRESHOLDS, matched)
+        # Low-quality matches: each box's best anchors (ties included) are positives for the box they overlap most.
+        best_per_box = iou.max(dim=1, keepdim=True).values
+        _, anchor_index = torch.nonzero((iou == best_per_box) & (best_per_box > 0), as_tuple=True)
+        matched[anchor_index] = best_box[anchor_index]
+        return matched
 
 
 def base_anchor_shapes(config: ModelConfig) -> list[list[float]]:
@@ -148,14 +178,20 @@ class ComotoDetector(nn.Module):
             size_divisible=self.size_divisible,
         )
         detector = AtssRetinaNetDetector(network=network, anchor_generator=anchor_generator)
-        detector.set_atss_matcher(num_candidates=ATSS_CANDIDATES, center_in_gt=False)
+        if config.matcher == "iou":
+            detector.proposal_matcher = IouMatcher()
+        else:
+            detector.set_atss_matcher(num_candidates=ATSS_CANDIDATES, center_in_gt=False)
         detector.set_hard_negative_sampler(
             batch_size_per_image=HARD_NEGATIVE_BATCH_PER_IMAGE,
             positive_fraction=HARD_NEGATIVE_POSITIVE_FRACTION,
             min_neg=HARD_NEGATIVE_MIN,
             pool_size=HARD_NEGATIVE_POOL_SIZE,
         )
-        detector.set_cls_loss(FocalLoss(gamma=2.0, reduction="mean"))
+        detector.set_cls_loss(FocalLoss(gamma=2.0, reduction="mean") if config.focal_alpha is None
+                              else FocalLoss(gamma=2.0, alpha=config.focal_alpha, reduction="mean"))
+        if config.box_loss == "l1":
+            detector.set_box_regression_loss(nn.L1Loss(reduction="mean"), encode_gt=True, decode_pred=False)
         detector.set_target_keys(box_key="boxes", label_key="labels")
         detector.set_box_selector_parameters(
             score_thresh=config.score_threshold,
