@@ -248,6 +248,16 @@ class ModelConfig(StrictModel):
         [32.0, 32.0], min_length=2, max_length=2, description="base anchor (height, width) at the finest level"
     )
     anchor_aspect_ratios: list[float] = Field([0.5, 1.0, 2.0], min_length=1)
+    anchor_scales: list[float] = Field(
+        [1.0], min_length=1, description="anchor sizes per cell, as multiples of anchor_base_sizes at each level "
+        "(the reference: 1, 2, 4, 8, 16, i.e. 32-512 pixels at its one level)")
+    fpn: bool = Field(True, description="false: no FPN; the heads read the last returned ResNet stage directly, one "
+                      "level as wide as the stage (the reference's stride-32 RetinaNet); returned_layers is then one "
+                      "stage")
+    input_norm: Literal["unit", "imagenet"] = Field(
+        "unit", description="network input: unit, the grey image in [0, 1] on one channel; imagenet, as the "
+        "reference feeds torchvision: three equal channels scaled to 0-255 and normalised by ImageNet's mean and "
+        "std (conv1 then takes 3 channels, so ImageNet weights load unchanged)")
     distill_feature: str = Field(
         "backbone",
         description="feature map for ImPA / distillation: 'backbone' (last ResNet stage, as the reference) or an FPN "
@@ -268,6 +278,30 @@ class ModelConfig(StrictModel):
     detections_per_image: int = Field(100, ge=1)
     topk_candidates_per_level: int = Field(1000, ge=1)
 
+    preset: Literal["reference"] | None = Field(
+        None, description="reference: the reference implementation's detector (no FPN, stride 32, 15 anchors, IoU "
+        "matcher, focal alpha 0.25, L1 box loss, ImageNet-normalised 3-channel input, its thresholds); fields given "
+        "explicitly still win")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data):
+        if isinstance(data, dict) and data.get("preset") is not None:
+            preset = MODEL_PRESETS.get(data["preset"])
+            if preset is not None:  # an unknown name is reported by the field's own validation
+                data = {**preset, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _one_level_without_fpn(self) -> ModelConfig:
+        if not self.fpn:
+            if len(self.returned_layers) != 1:
+                raise ValueError("model.fpn false: the heads read one ResNet stage; set returned_layers to one, "
+                                 "e.g. [4]")
+            if self.distill_feature != "backbone":
+                raise ValueError("model.fpn false: there are no FPN levels; distill_feature must be 'backbone'")
+        return self
+
     @field_validator("returned_layers")
     @classmethod
     def _layers_in_range(cls, layers: list[int]) -> list[int]:
@@ -279,6 +313,19 @@ class ModelConfig(StrictModel):
     @classmethod
     def _registered_backbone(cls, name: str) -> str:
         return registered_name(name, cls.backbone_names, "backbone")
+
+
+#: Named bundles of ModelConfig fields (``model.preset``). "reference": the detector of the reference implementation
+#: (torchvision RetinaNet on the last ResNet stage, docs/fidelity.md items 1-11).
+MODEL_PRESETS: dict[str, dict] = {
+    "reference": {
+        "fpn": False, "returned_layers": [4], "distill_feature": "backbone",
+        "anchor_base_sizes": [32.0, 32.0], "anchor_scales": [1.0, 2.0, 4.0, 8.0, 16.0],
+        "anchor_aspect_ratios": [0.5, 1.0, 2.0],
+        "matcher": "iou", "focal_alpha": 0.25, "box_loss": "l1", "input_norm": "imagenet",
+        "score_threshold": 0.05, "nms_threshold": 0.5, "detections_per_image": 300,
+    },
+}
 
 
 class OptimConfig(StrictModel):

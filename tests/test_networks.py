@@ -377,3 +377,55 @@ def test_reference_matcher_and_losses_train():
         optimizer.step()
         history.append(loss.item())
     assert all(np.isfinite(history)) and sum(history[-5:]) / 5 < 0.5 * sum(history[:3]) / 3
+
+
+def test_reference_preset_is_one_stride_32_level_with_15_anchors_and_imagenet_input(tmp_path):
+    """model.preset reference: no FPN (the heads read layer4, as wide as it), 15 anchors per cell at stride 32, a
+    3-channel conv1 fed the ImageNet-normalised grey image; it trains and detects, and a 3-channel ResNet state
+    dict loads into it unchanged."""
+    config = tiny_model_config(preset="reference", anchor_base_sizes=[8.0, 8.0])
+    assert (config.fpn, config.returned_layers, config.matcher, config.box_loss) == (False, [4], "iou", "l1")
+    assert config.anchor_base_sizes == [8.0, 8.0]  # a field given explicitly wins over the preset
+    torch.manual_seed(0)
+    detector = build_detector(config, (HEIGHT, WIDTH))
+    backbone = detector.backbone
+    assert backbone.level_strides == [32] and backbone.fpn is None
+    assert backbone.out_channels == config.width[3] and backbone.body.conv1.in_channels == 3
+    assert detector.detector.num_anchors_per_loc == 15
+    images, targets = lesion_batch()
+    features, _ = backbone.forward_with_distill(images)
+    assert list(features) == ["c5"] and features["c5"].shape == (2, config.width[3], HEIGHT // 32, WIDTH // 32)
+    # The normalisation is the torchvision one: a mid-grey pixel (0.5) becomes (127.5 - mean) / std per channel.
+    grey = torch.full((1, 1, 32, 32), 0.5)
+    seen = {}
+    handle = backbone.body.conv1.register_forward_hook(lambda module, inputs, output: seen.update(x=inputs[0]))
+    backbone.eval()
+    with torch.no_grad():
+        backbone(grey)
+    handle.remove()
+    expected = (127.5 - torch.tensor([123.675, 116.28, 103.53])) / torch.tensor([58.395, 57.12, 57.375])
+    torch.testing.assert_close(seen["x"][0, :, 0, 0], expected)
+    optimizer = torch.optim.SGD(detector.parameters(), lr=0.01, momentum=0.9)
+    detector.train()
+    history = []
+    for _ in range(30):
+        losses, _ = detector.forward_train(images, targets)
+        loss = losses["classification"] + losses["box_regression"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(loss.item())
+    assert all(np.isfinite(history)) and sum(history[-5:]) / 5 < 0.5 * sum(history[:3]) / 3
+    # A torchvision-style state dict with a 3-channel conv1 loads as it is (no summing over channels).
+    state = {f"backbone.{k}": v.clone() + 1.0 for k, v in backbone.body.state_dict().items()
+             if not k.endswith("num_batches_tracked")}
+    torch.save(state, tmp_path / "w.pt")
+    backbone.load_weights(tmp_path / "w.pt")
+    torch.testing.assert_close(backbone.body.conv1.weight, state["backbone.conv1.weight"])
+
+
+def test_model_without_fpn_is_checked():
+    with pytest.raises(ValueError, match="returned_layers to one"):
+        tiny_model_config(fpn=False, returned_layers=[3, 4])
+    with pytest.raises(ValueError, match="distill_feature must be 'backbone'"):
+        tiny_model_config(fpn=False, returned_layers=[4], distill_feature="fpn0")

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from pathlib import Path
 
+import torch
 from monai.networks.blocks.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 from monai.networks.nets.resnet import ResNet, ResNetBlock, ResNetBottleneck
 from torch import Tensor, nn
@@ -39,6 +40,10 @@ RESNET_ARCHITECTURES: dict[str, tuple[type[nn.Module], list[int]]] = {
 
 BACKBONE_FEATURE = "backbone"
 POOL_LEVEL = "pool"
+IMAGENET = "imagenet"
+# torchvision's ImageNet statistics in 0-255 units (its transform divides by 255 first: the same thing).
+IMAGENET_MEAN = torch.tensor([123.675, 116.28, 103.53])
+IMAGENET_STD = torch.tensor([58.395, 57.12, 57.375])
 
 
 def stage_stride(layer: int) -> int:
@@ -47,13 +52,15 @@ def stage_stride(layer: int) -> int:
 
 
 def fpn_level_names(config: ModelConfig) -> list[str]:
-    """Names of the feature maps the detection heads see, finest first."""
+    """Names of the feature maps the detection heads see, finest first (without FPN: the stage's, e.g. ``c5``)."""
+    if not config.fpn:
+        return [f"c{config.returned_layers[0] + 1}"]
     return [f"fpn{i}" for i in range(len(config.returned_layers))] + [POOL_LEVEL]
 
 
 def fpn_level_strides(config: ModelConfig) -> list[int]:
     strides = [stage_stride(layer) for layer in config.returned_layers]
-    return strides + [2 * strides[-1]]
+    return strides + [2 * strides[-1]] if config.fpn else strides
 
 
 def distill_feature_stride(config: ModelConfig) -> int:
@@ -94,7 +101,7 @@ class ResNetFPNBackbone(nn.Module):
             layers=layers,
             block_inplanes=list(config.width),
             spatial_dims=2,
-            n_input_channels=1,
+            n_input_channels=3 if config.input_norm == IMAGENET else 1,
             conv1_t_size=7,
             conv1_t_stride=2,
             shortcut_type="B",
@@ -106,13 +113,21 @@ class ResNetFPNBackbone(nn.Module):
         self.returned_layers = list(config.returned_layers)
         self.level_names = fpn_level_names(config)
         self.distill_feature = config.distill_feature
-        self.fpn = FeaturePyramidNetwork(
-            spatial_dims=2,
-            in_channels_list=[self.stage_channels[layer - 1] for layer in self.returned_layers],
-            out_channels=config.fpn_channels,
-            extra_blocks=LastLevelMaxPool(spatial_dims=2),
-        )
-        self.out_channels = config.fpn_channels
+        self.input_norm = config.input_norm
+        if self.input_norm == IMAGENET:  # constants, not parameters: kept out of the state dict
+            self.register_buffer("_mean", IMAGENET_MEAN.reshape(1, 3, 1, 1).clone(), persistent=False)
+            self.register_buffer("_std", IMAGENET_STD.reshape(1, 3, 1, 1).clone(), persistent=False)
+        if config.fpn:
+            self.fpn = FeaturePyramidNetwork(
+                spatial_dims=2,
+                in_channels_list=[self.stage_channels[layer - 1] for layer in self.returned_layers],
+                out_channels=config.fpn_channels,
+                extra_blocks=LastLevelMaxPool(spatial_dims=2),
+            )
+            self.out_channels = config.fpn_channels
+        else:
+            self.fpn = None
+            self.out_channels = self.stage_channels[self.returned_layers[0] - 1]
         self.level_strides = fpn_level_strides(config)
         self.distill_stride = distill_feature_stride(config)
         if self.distill_feature == BACKBONE_FEATURE:
@@ -129,6 +144,8 @@ class ResNetFPNBackbone(nn.Module):
 
     def _stages(self, images: Tensor, last_stage: int) -> OrderedDict[str, Tensor]:
         body = self.body
+        if self.input_norm == IMAGENET:  # the grey image as torchvision's RGB input: 0-255, normalised per channel
+            images = (images * 255.0 - self._mean) / self._std
         x = body.act(body.bn1(body.conv1(images)))
         x = body.maxpool(x)
         stage_outputs: OrderedDict[str, Tensor] = OrderedDict()
@@ -144,7 +161,7 @@ class ResNetFPNBackbone(nn.Module):
             (name, stage_outputs[f"layer{layer}"])
             for name, layer in zip(self.level_names, self.returned_layers)
         )
-        features = self.fpn(fpn_inputs)
+        features = self.fpn(fpn_inputs) if self.fpn is not None else fpn_inputs
         if self.distill_feature == BACKBONE_FEATURE:
             distill = stage_outputs["layer4"]
         else:

@@ -118,9 +118,11 @@ class IouMatcher:
 
 
 def base_anchor_shapes(config: ModelConfig) -> list[list[float]]:
-    """Anchor (height, width) at the finest level for each aspect ratio r = height / width (area kept)."""
+    """Anchor (height, width) at the finest level for each scale s and aspect ratio r = height / width (area
+    kept): the base size times s, scales first."""
     height, width = config.anchor_base_sizes
-    return [[height * math.sqrt(r), width / math.sqrt(r)] for r in config.anchor_aspect_ratios]
+    return [[height * s * math.sqrt(r), width * s / math.sqrt(r)]
+            for s in config.anchor_scales for r in config.anchor_aspect_ratios]
 
 
 def size_divisible(backbone: FeatureExtractor) -> int:
