@@ -26,6 +26,21 @@ def tiny_config(**changes) -> ModelConfig:
     return tiny_model_config(**{"returned_layers": [1, 2, 3], **changes})
 
 
+def train_steps(detector, images, targets, steps: int) -> list[float]:
+    """``steps`` SGD steps on one batch (training mode); the detection loss of each."""
+    optimizer = torch.optim.SGD(detector.parameters(), lr=0.01, momentum=0.9)
+    detector.train()
+    history = []
+    for _ in range(steps):
+        losses, _ = detector.forward_train(images, targets)
+        loss = losses["classification"] + losses["box_regression"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(loss.item())
+    return history
+
+
 def lesion_batch():
     """Image 0: a bright 24 (wide) x 36 (high) ellipse; image 1: lesion-free. Boxes xyxy, x = column."""
     generator = torch.Generator().manual_seed(0)
@@ -94,16 +109,7 @@ def test_training_reduces_loss_and_predicts_in_image_pixels():
     torch.manual_seed(0)
     detector = build_detector(tiny_config(), (HEIGHT, WIDTH))
     images, targets = lesion_batch()
-    optimizer = torch.optim.SGD(detector.parameters(), lr=0.01, momentum=0.9)
-    detector.train()
-    history = []
-    for _ in range(40):
-        losses, _ = detector.forward_train(images, targets)
-        loss = losses["classification"] + losses["box_regression"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        history.append(loss.item())
+    history = train_steps(detector, images, targets, 40)
     assert sum(history[-5:]) / 5 < 0.3 * sum(history[:3]) / 3
     predictions = detector.predict(images)
     assert detector.training  # predict restores the mode
@@ -366,16 +372,7 @@ def test_reference_matcher_and_losses_train():
     assert isinstance(detector.detector.box_loss_func, torch.nn.L1Loss)
     assert detector.detector.cls_loss_func.alpha == 0.25
     images, targets = lesion_batch()
-    optimizer = torch.optim.SGD(detector.parameters(), lr=0.01, momentum=0.9)
-    detector.train()
-    history = []
-    for _ in range(30):
-        losses, _ = detector.forward_train(images, targets)
-        loss = losses["classification"] + losses["box_regression"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        history.append(loss.item())
+    history = train_steps(detector, images, targets, 30)
     assert all(np.isfinite(history)) and sum(history[-5:]) / 5 < 0.5 * sum(history[:3]) / 3
 
 
@@ -405,16 +402,7 @@ def test_reference_preset_is_one_stride_32_level_with_15_anchors_and_imagenet_in
     handle.remove()
     expected = (127.5 - torch.tensor([123.675, 116.28, 103.53])) / torch.tensor([58.395, 57.12, 57.375])
     torch.testing.assert_close(seen["x"][0, :, 0, 0], expected)
-    optimizer = torch.optim.SGD(detector.parameters(), lr=0.01, momentum=0.9)
-    detector.train()
-    history = []
-    for _ in range(30):
-        losses, _ = detector.forward_train(images, targets)
-        loss = losses["classification"] + losses["box_regression"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        history.append(loss.item())
+    history = train_steps(detector, images, targets, 30)
     assert all(np.isfinite(history)) and sum(history[-5:]) / 5 < 0.5 * sum(history[:3]) / 3
     # A torchvision-style state dict with a 3-channel conv1 loads as it is (no summing over channels).
     state = {f"backbone.{k}": v.clone() + 1.0 for k, v in backbone.body.state_dict().items()
