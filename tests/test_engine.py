@@ -72,6 +72,30 @@ def test_augmentation_is_a_function_of_seed_epoch_index(tiny_cache):
     assert 0.0 <= float(a["image"].min()) and float(a["image"].max()) <= 1.0
 
 
+@pytest.mark.parametrize("jitter", [0.0, 0.3])
+def test_on_device_augmentation_gives_the_loaders_pixels_and_boxes(tiny_cache, jitter):
+    """augment.on_device: the loader leaves the pixels alone and move_batch augments them; the batch that reaches the
+    model is the same, bit for bit, as with augmentation in the loader."""
+    from comoto_cli.data.datasets import DetectionDataset, collate_detection, move_batch
+
+    in_loader = DetectionDataset(tiny_cache, "train", augment=AugmentConfig(intensity_jitter=jitter), seed=5)
+    on_device = DetectionDataset(tiny_cache, "train", augment=AugmentConfig(intensity_jitter=jitter, on_device=True),
+                                 seed=5)
+    for epoch in range(3):
+        in_loader.set_epoch(epoch)
+        on_device.set_epoch(epoch)
+        indices = range(len(in_loader))
+        raw = collate_detection([on_device[i] for i in indices])
+        assert "augment" in raw and torch.equal(raw["images"], collate_detection(
+            [DetectionDataset(tiny_cache, "train")[i] for i in indices])["images"])  # the loader left the pixels
+        expected = move_batch(collate_detection([in_loader[i] for i in indices]), torch.device("cpu"))
+        got = move_batch(raw, torch.device("cpu"))
+        assert torch.equal(got["images"], expected["images"])
+        for a, b in zip(got["targets"], expected["targets"]):
+            assert torch.equal(a["boxes"], b["boxes"])
+    assert torch.any(raw["augment"][:, 0] == 1) and torch.any(raw["augment"][:, 1] == 1)
+
+
 def test_collate_and_lesions_only(tiny_cache):
     from comoto_cli.data.datasets import DetectionDataset, collate_detection
 

@@ -51,6 +51,42 @@ def augment_sample(image: np.ndarray, boxes: np.ndarray, augment: AugmentConfig,
     return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(boxes, dtype=np.float32)
 
 
+def augment_params(draws: np.ndarray, augment: AugmentConfig) -> tuple[float, float, float, float]:
+    """:func:`augment_sample`'s decisions from its four draws: (horizontal flip, vertical flip, contrast,
+    brightness), flips as 1.0 / 0.0."""
+    jitter = augment.intensity_jitter
+    return (float(draws[0] < augment.horizontal_flip), float(draws[1] < augment.vertical_flip),
+            1.0 + jitter * (2.0 * draws[2] - 1.0) if jitter > 0 else 1.0,
+            jitter * (2.0 * draws[3] - 1.0) if jitter > 0 else 0.0)
+
+
+def augmented_boxes(boxes: np.ndarray, params: tuple[float, ...], shape: tuple[int, int]) -> np.ndarray:
+    height, width = shape
+    if params[0]:
+        boxes = hflip_boxes(boxes, width)
+    if params[1]:
+        boxes = vflip_boxes(boxes, height)
+    return np.ascontiguousarray(boxes, dtype=np.float32)
+
+
+def augment_batch(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """The pixels of :func:`augment_sample` for a batch on its device: ``images`` (B, 1, H, W) in [0, 1], ``params``
+    (B, 4) float64 from :func:`augment_params`. The same operations at the same precision in the same order, so the
+    same pixels (without jitter the parameters are 1 and 0, which leave an image in [0, 1] as it is)."""
+    out = images.clone()
+    for index in range(images.shape[0]):
+        h_flip, v_flip, contrast, brightness = (float(v) for v in params[index])
+        image = out[index]
+        if h_flip:
+            image = image.flip(-1)
+        if v_flip:
+            image = image.flip(-2)
+        # In float64, as numpy computes a float32 image times a float64 scalar, then rounded back.
+        image = (image.double() * contrast + brightness).clamp(0.0, 1.0).to(images.dtype)
+        out[index] = image
+    return out
+
+
 class DetectionDataset(Dataset):
     """The 2-D images of one split of a cache, with their lesion boxes.
 
@@ -99,30 +135,41 @@ class DetectionDataset(Dataset):
         except (OSError, KeyError) as exc:
             raise InputDataError(f"cannot read slice {row} ({exc})", path=self.cache.path) from None
         boxes = np.asarray(self.cache.boxes(row), dtype=np.float32).reshape(-1, 4)
+        sample = {"labels": torch.zeros(len(boxes), dtype=torch.int64), "row": row}
         if self.augment is not None:
             rng = np.random.default_rng([self.seed, self.epoch, int(index)])
-            image, boxes = augment_sample(image, boxes, self.augment, rng)
-        return {
-            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
-            "boxes": torch.from_numpy(boxes.copy()),
-            "labels": torch.zeros(len(boxes), dtype=torch.int64),
-            "row": row,
-        }
+            if self.augment.on_device:  # the boxes here, the pixels later on the device (augment_batch)
+                params = augment_params(rng.random(4), self.augment)
+                boxes = augmented_boxes(boxes, params, image.shape)
+                sample["augment"] = torch.tensor(params, dtype=torch.float64)
+            else:
+                image, boxes = augment_sample(image, boxes, self.augment, rng)
+        sample["image"] = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+        sample["boxes"] = torch.from_numpy(boxes.copy())
+        return sample
 
 
 def collate_detection(samples: list[dict]) -> dict:
-    """List of samples -> ``{"images": (B, 1, H, W), "targets": [{"boxes", "labels"}], "rows": (B,)}``."""
-    return {
+    """List of samples -> ``{"images": (B, 1, H, W), "targets": [{"boxes", "labels"}], "rows": (B,)}``, plus
+    ``"augment"`` (B, 4) when the samples' pixels are to be augmented on the device."""
+    batch = {
         "images": torch.stack([s["image"] for s in samples]),
         "targets": [{"boxes": s["boxes"], "labels": s["labels"]} for s in samples],
         "rows": torch.tensor([s["row"] for s in samples], dtype=torch.int64),
     }
+    if "augment" in samples[0]:
+        batch["augment"] = torch.stack([s["augment"] for s in samples])
+    return batch
 
 
 def move_batch(batch: dict, device: torch.device) -> dict:
-    """Batch onto ``device`` (non_blocking; pinned memory makes that asynchronous on CUDA)."""
+    """Batch onto ``device`` (non_blocking; pinned memory makes that asynchronous on CUDA), its pixels augmented
+    there when the loader left that to the device (``augment.on_device``)."""
+    images = batch["images"].to(device, non_blocking=True)
+    if "augment" in batch:
+        images = augment_batch(images, batch["augment"])
     return {
-        "images": batch["images"].to(device, non_blocking=True),
+        "images": images,
         "targets": [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in batch["targets"]],
         "rows": batch["rows"],
     }
