@@ -209,24 +209,29 @@ def bench_loader(work: Path, rounds: int) -> dict:
                 writer.add_volume(record, list(range(FRAMES)), StoredSlices(part["images"]), boxes,
                                   [np.array([0])] * FRAMES)
             writer.close()
-    dataset = DetectionDataset(cache, "train", augment=AugmentConfig(), seed=0)
     cores = usable_cores()
-    rates: dict[int, list[float]] = {0: [], cores: []}
+    # (workers, augmentation on the device): with on_device the loader leaves the pixels to the GPU, whose share of
+    # the work is not measured here (no GPU on the bench machine).
+    variants = [(0, False), (cores, False), (cores, True)]
+    rates: dict[tuple[int, bool], list[float]] = {variant: [] for variant in variants}
     for _ in range(rounds):
-        for workers in rates:  # interleaved
+        for workers, on_device in variants:  # interleaved
+            dataset = DetectionDataset(cache, "train", augment=AugmentConfig(on_device=on_device), seed=0)
             loader = make_loader(dataset, batch_size=8, sampler=make_sampler(dataset, seed=0), num_workers=workers)
             batches = iter(loader)
             next(batches)  # worker start-up and first reads are not the steady state
             started, count = time.perf_counter(), 0
             for batch in batches:
                 count += len(batch["rows"])
-            rates[workers].append(count / (time.perf_counter() - started))
+            rates[(workers, on_device)].append(count / (time.perf_counter() - started))
     gpu_needs = GPU_STEP_BATCH / GPU_STEP_SECONDS
-    best = statistics.median(rates[cores])
-    return {"slices_per_s_main_process": statistics.median(rates[0]), "workers": cores,
+    best = statistics.median(rates[(cores, False)])
+    device = statistics.median(rates[(cores, True)])
+    return {"slices_per_s_main_process": statistics.median(rates[(0, False)]), "workers": cores,
             "slices_per_s_workers": best, "slices_per_s_per_worker": best / cores,
             "gpu_step_consumes_slices_per_s": gpu_needs, "over_gpu_step": best / gpu_needs,
-            "over_gpu_step_lskd": best / (2 * gpu_needs)}
+            "over_gpu_step_lskd": best / (2 * gpu_needs),
+            "slices_per_s_workers_augment_on_device": device, "over_gpu_step_augment_on_device": device / gpu_needs}
 
 
 def projection(pre: dict, decoders: dict, cores_list=(2, 32)) -> dict:
@@ -276,7 +281,11 @@ def _markdown(results: dict) -> str:
         f"in the main process, {ld['slices_per_s_workers']:.0f} with {ld['workers']} workers "
         f"({ld['slices_per_s_per_worker']:.0f} per worker); a GPU step (batch 8 in {GPU_STEP_SECONDS} s) consumes "
         f"{ld['gpu_step_consumes_slices_per_s']:.0f}, LsKD twice that: {ld['over_gpu_step']:.1f}x and "
-        f"{ld['over_gpu_step_lskd']:.1f}x.",
+        f"{ld['over_gpu_step_lskd']:.1f}x."
+        + (f" With `augment.on_device` (the pixels augmented on the GPU, not measured here): "
+           f"{ld['slices_per_s_workers_augment_on_device']:.0f} slices/s with {ld['workers']} workers, "
+           f"{ld['over_gpu_step_augment_on_device']:.1f}x a GPU step." if "slices_per_s_workers_augment_on_device"
+           in ld else ""),
         f"- Whole BCS-DBT projected: {pr['hours_on_2_cores']:.1f} h on 2 cores, {pr['hours_on_32_cores']:.1f} h on 32 "
         f"cores (decoding every frame of every volume: {pr['every_frame_of_every_volume_hours_on_32_cores']:.1f} h "
         f"on 32 cores; contention factor {pr['contention_factor']:.2f}).",

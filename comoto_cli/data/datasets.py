@@ -130,8 +130,11 @@ class DetectionDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         row = int(self.rows[index])
+        on_device = self.augment is not None and self.augment.on_device
         try:
-            image = self.cache.image(row)
+            # On the device path the stored float16 travels (half the bytes between processes); the device widens it
+            # to float32, exactly.
+            image = self.cache.images_f16(row) if on_device else self.cache.image(row)
         except (OSError, KeyError) as exc:
             raise InputDataError(f"cannot read slice {row} ({exc})", path=self.cache.path) from None
         boxes = np.asarray(self.cache.boxes(row), dtype=np.float32).reshape(-1, 4)
@@ -144,7 +147,7 @@ class DetectionDataset(Dataset):
                 sample["augment"] = torch.tensor(params, dtype=torch.float64)
             else:
                 image, boxes = augment_sample(image, boxes, self.augment, rng)
-        sample["image"] = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+        sample["image"] = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float16 if on_device else np.float32))[None]
         sample["boxes"] = torch.from_numpy(boxes.copy())
         return sample
 
@@ -167,7 +170,7 @@ def move_batch(batch: dict, device: torch.device) -> dict:
     there when the loader left that to the device (``augment.on_device``)."""
     images = batch["images"].to(device, non_blocking=True)
     if "augment" in batch:
-        images = augment_batch(images, batch["augment"])
+        images = augment_batch(images.float(), batch["augment"])
     return {
         "images": images,
         "targets": [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in batch["targets"]],
