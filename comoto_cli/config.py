@@ -113,9 +113,16 @@ class SplitConfig(StrictModel):
 class PreprocessConfig(StrictModel):
     """`comoto preprocess dbt|mammo`: DICOM + CSV -> HDF5 slice cache."""
 
+    # The framings' names. Their registry, comoto_cli.transforms.framing, adds each name here as it registers it;
+    # the built-in ones are valid from the start, as for ModelConfig.backbone_names.
+    geometry_names: ClassVar[list[str]] = ["stretch", "breast-crop"]
+
     modality: Literal["dbt", "mammo"] = "dbt"
     image_height: int = Field(2048, ge=16, le=8192, description="cache image height in pixels")
     image_width: int = Field(1024, ge=16, le=8192, description="cache image width in pixels")
+    geometry: str = Field(
+        "stretch", description="how an image fills the cache frame, a registered framing: stretch (the whole image, "
+        "each axis its own scale) or breast-crop (the breast's bounding box, one scale for both axes, zero padding)")
     split: SplitConfig = SplitConfig()
     lesion_slice_offset: int = Field(
         0, ge=0, description="DBT training slices: lesion centre slice +- this many neighbours (0 = centre only)"
@@ -176,13 +183,20 @@ class PreprocessConfig(StrictModel):
             named[name.strip()] = path.strip()
         return named
 
+    @field_validator("geometry")
+    @classmethod
+    def _registered_geometry(cls, name: str) -> str:
+        return registered_name(name, cls.geometry_names, "framing")
+
     @model_serializer(mode="wrap")
     def _without_default_dataset(self, handler):
-        """``dataset`` and ``inputs`` at their defaults are left out of the dump, so the canonical JSON (the config
-        hash, and the stored config, of every cache made before they existed) stays what it was."""
+        """``dataset``, ``inputs`` and ``geometry`` at their defaults are left out of the dump, so the canonical JSON
+        (the config hash, and the stored config, of every cache made before they existed) stays what it was."""
         data = handler(self)
         if self.dataset is None:
             data.pop("dataset", None)
+        if self.geometry == "stretch":
+            data.pop("geometry", None)
         if not self.inputs:
             data.pop("inputs", None)
         return data

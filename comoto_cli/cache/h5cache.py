@@ -11,6 +11,10 @@ Layout (format version 1; the README's "Cache layout" section and docs/design.md
     to the data root), ``label`` (str); ``num_slices``, ``original_height``, ``original_width``,
     ``volume_slices`` (DBTex VolumeSlices), ``slice_start``, ``slice_count`` (int); ``flipped`` (bool: the
     official flip rule rotated this volume); ``scale_y``, ``scale_x`` (float: cache pixels per official pixel);
+    ``offset_y``, ``offset_x`` (float: the official pixel at the cache frame's origin, 0 unless the framing crops;
+    absent in caches written before framings, read as 0): cache = (official - offset) * scale;
+    ``content_height``, ``content_width`` (int: the image fills rows and columns from 0 to these, the rest is zero
+    padding; absent before framings, read as the cache size);
     ``work_key`` (str: what the stored slices were made from, so a rebuild can reuse them; absent in caches
     written before it existed, and left out of content hashes because it holds a file mtime).
 ``/lesions/*``: one row per ground-truth lesion (L rows), in the official frame at full resolution
@@ -38,8 +42,9 @@ from comoto_cli.errors import InputDataError
 FORMAT_VERSION = 1
 
 VOLUME_TEXT_FIELDS = ("patient_id", "study_uid", "view", "split", "source", "label")
-VOLUME_INT_FIELDS = ("num_slices", "original_height", "original_width", "volume_slices", "slice_start", "slice_count")
-VOLUME_FLOAT_FIELDS = ("scale_y", "scale_x")
+VOLUME_INT_FIELDS = ("num_slices", "original_height", "original_width", "volume_slices", "slice_start", "slice_count",
+                     "content_height", "content_width")
+VOLUME_FLOAT_FIELDS = ("scale_y", "scale_x", "offset_y", "offset_x")
 WORK_KEY = "work_key"  # /volumes/work_key: holds file mtimes, so content hashes leave it out
 LESION_FLOAT_FIELDS = ("x", "y", "width", "height")
 
@@ -61,6 +66,10 @@ class VolumeRecord:
     scale_y: float
     scale_x: float
     flipped: bool = False
+    offset_y: float = 0.0
+    offset_x: float = 0.0
+    content_height: int = 0  # where the framing put the image (0: the whole cache frame)
+    content_width: int = 0
     volume_slices: int = 0
     label: str = ""
     # Lesions in the official frame at full resolution: rows of (slice, x, y, width, height) and their class.
@@ -195,6 +204,8 @@ class CacheWriter:
             "volume_slices": [v.volume_slices for v in self._volumes],
             "slice_start": [r[0] for r in ranges],
             "slice_count": [r[1] for r in ranges],
+            "content_height": [v.content_height or self.height for v in self._volumes],
+            "content_width": [v.content_width or self.width for v in self._volumes],
         }
         for name in VOLUME_INT_FIELDS:
             volumes.create_dataset(name, data=np.asarray(int_values[name], dtype=np.int64))
@@ -252,6 +263,11 @@ class SliceCache:
                     raise InputDataError(f"cache format version {version}, this comoto reads {FORMAT_VERSION}; "
                                          "rerun `comoto preprocess`", path=self.path)
                 self.volumes = {name: handle["volumes"][name][()] for name in handle["volumes"]}
+                count = len(self.volumes["scale_y"])
+                for name in ("offset_y", "offset_x"):  # caches written before framings: the whole image, no offset
+                    self.volumes.setdefault(name, np.zeros(count, dtype=np.float64))
+                for name, key in (("content_height", "image_height"), ("content_width", "image_width")):
+                    self.volumes.setdefault(name, np.full(count, int(self.attrs[key]), dtype=np.int64))
                 for name in (*VOLUME_TEXT_FIELDS, WORK_KEY):
                     if name in self.volumes or name != WORK_KEY:  # caches written before work keys have none
                         self.volumes[name] = _decode(self.volumes[name])
@@ -318,9 +334,19 @@ class SliceCache:
         start, count = int(self.box_start[row]), int(self.box_count[row])
         return self.all_boxes[start:start + count]
 
+    def mapping(self, volume: int) -> dict[str, float]:
+        """``scale_y``, ``scale_x``, ``offset_y``, ``offset_x`` of one volume: the keyword arguments of
+        :func:`comoto_cli.transforms.geometry.cache_to_official` and ``official_to_cache``."""
+        return {name: float(self.volumes[name][int(volume)]) for name in VOLUME_FLOAT_FIELDS}
+
     def volume_slice_rows(self, volume: int) -> slice:
         start = int(self.volumes["slice_start"][volume])
         return slice(start, start + int(self.volumes["slice_count"][volume]))
+
+    @property
+    def geometry(self) -> str:
+        """The framing its images were made with (``preprocess.geometry``; caches from before framings: stretch)."""
+        return str(self.preprocess_config().get("geometry", "stretch"))
 
     def preprocess_config(self) -> dict:
         return json.loads(self.attrs["config_json"])

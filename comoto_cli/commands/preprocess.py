@@ -49,6 +49,10 @@ def _run(modality: str, root: Path, out: Path, config_file: Path | None, progres
     console.print(f"wrote {out}{part} ({summary['file_size_bytes'] / 2**20:.1f} MiB, {config.image_height}x"
                   f"{config.image_width}): {splits or f'no {unit} in this shard'}; {report['computed']} decoded, "
                   f"{report['reused']} reused from an earlier run, {report['seconds']:.1f} s")
+    if report.get("boxes_cut"):
+        console.print(f"[yellow]note:[/] {report['boxes_cut']} lesion box(es) reach outside the breast region that "
+                      f"geometry {config.geometry!r} kept; they are cut to it in the cache (the official boxes used "
+                      "for evaluation are unchanged)")
     if report.get("shard") is not None:
         console.print(f"when all {report['shard'].split('/')[1]} shards are done: comoto cache merge OUT.h5 "
                       "SHARD.h5...")
@@ -94,6 +98,8 @@ _ACCEPT_HELP = ("Read Secondary Capture / generic X-ray images with this Modalit
 _DATASET_HELP = ("Dataset adapter reading ROOT, by name (comoto_cli.data.adapters): bcs-dbt for dbt; vindr, manifest, "
                  "jsonl, cbis-ddsm, omidb, inbreast for mammo. Default: bcs-dbt for dbt; for mammo manifest with --manifest-csv, "
                  "else vindr.")
+_GEOMETRY_HELP = ("How an image fills the cache frame: stretch (default: the whole image, each axis its own scale) or "
+                  "breast-crop (the breast's bounding box, one scale for both axes, zero padding).")
 _INPUT_HELP = ("An input file of the dataset adapter, e.g. manifest=images.jsonl for --dataset jsonl. Repeatable.")
 _DECODER_HELP = ("JPEG 2000 decoder: auto (pylibjpeg-openjpeg: most frames per core), pylibjpeg, gdcm or pillow. "
                  "Speed only: every decoder gives the same pixels.")
@@ -106,6 +112,7 @@ def dbt(
     config: Path | None = typer.Option(None, "--config", "-c", help=CONFIG_OPTION_HELP),
     image_height: int | None = typer.Option(None, "--image-height", help="Cache image height (pixels)."),
     image_width: int | None = typer.Option(None, "--image-width", help="Cache image width (pixels)."),
+    geometry: str | None = typer.Option(None, "--geometry", metavar="NAME", help=_GEOMETRY_HELP),
     val_fraction: float | None = typer.Option(None, "--val-fraction", help="Fraction of patients for validation."),
     test_fraction: float | None = typer.Option(None, "--test-fraction", help="Fraction of patients for test."),
     split_seed: int | None = typer.Option(None, "--split-seed", help="Seed of the patient split."),
@@ -130,6 +137,7 @@ def dbt(
 ) -> None:
     """DBT volumes (BCS-DBT layout) -> slice cache: lesion slices for training, every slice for val/test."""
     _run("dbt", root, out, config, not no_progress, shard, image_height=image_height, image_width=image_width,
+         geometry=geometry,
          split__val_fraction=val_fraction, split__test_fraction=test_fraction, split__seed=split_seed,
          **_fold_fields(fold), lesion_slice_offset=lesion_slice_offset, normal_slices_per_volume=normal_slices, workers=workers,
          decoder=decoder,
@@ -144,6 +152,7 @@ def mammo(
     config: Path | None = typer.Option(None, "--config", "-c", help=CONFIG_OPTION_HELP),
     image_height: int | None = typer.Option(None, "--image-height", help="Cache image height (pixels)."),
     image_width: int | None = typer.Option(None, "--image-width", help="Cache image width (pixels)."),
+    geometry: str | None = typer.Option(None, "--geometry", metavar="NAME", help=_GEOMETRY_HELP),
     val_fraction: float | None = typer.Option(None, "--val-fraction", help="Fraction of patients for validation."),
     test_fraction: float | None = typer.Option(
         None, "--test-fraction", help="Fraction of patients for test (unused when the dataset has a test split)."),
@@ -165,6 +174,7 @@ def mammo(
 ) -> None:
     """Mammograms (VinDr-Mammo layout or a generic manifest) -> slice cache: every image, with its boxes."""
     _run("mammo", root, out, config, not no_progress, shard, image_height=image_height, image_width=image_width,
+         geometry=geometry,
          split__val_fraction=val_fraction, split__test_fraction=test_fraction, split__seed=split_seed,
          **_fold_fields(fold), workers=workers, decoder=decoder, on_error=on_error, annotations_csv=annotations_csv,
          manifest_csv=manifest_csv,

@@ -661,6 +661,15 @@ def _window_lut(dtype: np.dtype, low: float, high: float) -> np.ndarray | None:
     return apply_official_window(values, low, high)[0]
 
 
+def central_frame(reader) -> np.ndarray:
+    """The central slice of a frame reader (``shape`` (S, rows, cols), ``frames(indices)`` yielding ``(index,
+    frame)``, e.g. :class:`DbtFrames`), decoded now: where the breast is thickest, so its outline is widest."""
+    middle = int(reader.shape[0]) // 2
+    for _, frame in reader.frames([middle]):
+        return frame
+    raise RuntimeError(f"frame reader gave no frame {middle}")
+
+
 def open_dbt(path: Path, view: str | None, *, row: int | None = None, csv: Path | None = None,
              decoder: str = "auto", accept_modality: Iterable[str] | None = None) -> DbtFrames:
     """A DBT volume opened for frame-by-frame reading; see :class:`DbtFrames`."""

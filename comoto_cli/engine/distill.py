@@ -210,6 +210,9 @@ def _with_teacher_batches(setup: ModeSetup, mode: DistillMode, teacher, env) -> 
     if tuple(teacher.image_size) != teacher_size:
         raise UsageError(f"the teacher was trained on {teacher.image_size[0]}x{teacher.image_size[1]} images,"
                          f" the teacher cache holds {teacher_size[0]}x{teacher_size[1]}", path=config.teacher_cache)
+    if teacher.geometry != mammo.geometry:
+        raise UsageError(f"the teacher was trained on images framed with geometry {teacher.geometry!r}, the teacher "
+                         f"cache was made with {mammo.geometry!r}", path=config.teacher_cache)
     _freeze(teacher, env.device)
     mammo_set = DetectionDataset(mammo, "train", augment=None, lesions_only=mode.teacher_images == "lesions")
     # Each rank draws its own stream of unpaired mammography batches.
@@ -252,6 +255,7 @@ def run_distill(config: DistillConfig, *, resume: bool = False, console=None) ->
     try:
         seed_everything(config.seed, config.deterministic)
         model, teacher, teacher_meta = _student_and_teacher(config, mode, student_size)
+        model.geometry = cache.geometry
         extra_loss, extra_modules, teacher_info = _mode_extras(config, mode, model, teacher, student_size, env)
         metadata = {
             "kind": "student", "modality": "dbt", "mode": config.mode, "cache": str(config.cache),

@@ -74,6 +74,7 @@ def run_train_teacher(config: TeacherConfig, *, resume: bool = False, console=No
     try:
         seed_everything(config.seed, config.deterministic)
         model = build_detector(config.model, image_size)
+        model.geometry = cache.geometry
         metadata = {
             "kind": "teacher",
             "modality": "mammo",

@@ -237,7 +237,8 @@ def save_state(run_dir: Path, trainee: Trainee, run: RunState, record: dict, *, 
     model, scheduler = trainee.model, trainee.scheduler
     states = {
         "model_state": model.state_dict(), "model_config": model.config,
-        "image_size": tuple(model.image_size), "optimizer_state": trainee.optimizer.state_dict(),
+        "image_size": tuple(model.image_size), "geometry": model.geometry,
+        "optimizer_state": trainee.optimizer.state_dict(),
         "scheduler_state": scheduler.state_dict() if scheduler is not None else None,
         "extra_states": {name: module.state_dict() for name, module in trainee.extras.items()},
         "rng_state": capture_rng_state(),

@@ -36,7 +36,7 @@ from comoto_cli.utils.system import pick_device
 
 
 def check_image_size(model, cache, checkpoint: Path) -> None:
-    """The detector only makes sense on images of the size it was trained on."""
+    """The detector only makes sense on images of the size and framing it was trained on."""
     model_size = tuple(int(v) for v in model.image_size)
     cache_size = (int(cache.image_height), int(cache.image_width))
     if model_size != cache_size:
@@ -44,6 +44,11 @@ def check_image_size(model, cache, checkpoint: Path) -> None:
             f"checkpoint was trained on {model_size[0]}x{model_size[1]} images but cache {cache.path} holds "
             f"{cache_size[0]}x{cache_size[1]} (height x width); preprocess with --image-height {model_size[0]} "
             f"--image-width {model_size[1]} or use a matching checkpoint", path=checkpoint)
+    if model.geometry != cache.geometry:
+        raise CheckpointError(
+            f"checkpoint was trained on images framed with geometry {model.geometry!r} but cache {cache.path} was "
+            f"made with {cache.geometry!r}; preprocess with --geometry {model.geometry} or use a matching checkpoint",
+            path=checkpoint)
 
 
 def dbtex_ground_truth(cache, split: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -89,7 +94,7 @@ def _write_image_predictions(path: Path, cache, rows, predictions) -> None:
     columns: dict[str, list] = {name: [] for name in IMAGE_PREDICTION_COLUMNS}
     for row, prediction in zip(rows, predictions):
         volume = int(cache.slice_volume[row])
-        xywh = cache_to_official(prediction["boxes"], float(vols["scale_y"][volume]), float(vols["scale_x"][volume]))
+        xywh = cache_to_official(prediction["boxes"], **cache.mapping(volume))
         image = {"image_id": vols["source"][volume], "PatientID": vols["patient_id"][volume],
                  "StudyUID": vols["study_uid"][volume], "View": vols["view"][volume]}
         for (x, y, w, h), score in zip(xywh, prediction["scores"]):

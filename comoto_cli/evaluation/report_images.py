@@ -1,7 +1,7 @@
 """Pictures for the evaluation report: a cached slice with boxes drawn on it, whole and zoomed, as JPEG bytes.
 
 Boxes arrive in the official frame at full resolution (as the DBTex tables hold them) and are drawn in the cache
-frame, ``scale_y`` / ``scale_x`` cache pixels per official pixel. Only the slices shown are read, one at a time,
+frame through the volume's framing (its scale and offset, ``official_to_cache``). Only the slices shown are read, one at a time,
 so a report over thousands of volumes never holds more than one slice.
 """
 
@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from comoto_cli.cache.h5cache import SliceCache
+from comoto_cli.transforms.geometry import official_to_cache
 
 OVERVIEW_SIDE = 220  # pixels of the longer side of the whole-slice picture
 ZOOM_SIDE = 200
@@ -33,8 +34,7 @@ class Outline:
 class ShownSlice:
     image: np.ndarray  # (H, W) float32 in [0, 1], cache frame
     slice: int  # the slice read: the one asked for, or the nearest cached one
-    scale_y: float
-    scale_x: float
+    mapping: dict[str, float]  # the volume's scale_y, scale_x, offset_y, offset_x (SliceCache.mapping)
 
 
 class CacheImages:
@@ -56,14 +56,13 @@ class CacheImages:
         if indices.size == 0:
             return None
         nearest = int(np.argmin(np.abs(indices - slice_index)))
-        volumes = self.cache.volumes
         return ShownSlice(image=self.cache.image(rows.start + nearest), slice=int(indices[nearest]),
-                          scale_y=float(volumes["scale_y"][volume]), scale_x=float(volumes["scale_x"][volume]))
+                          mapping=self.cache.mapping(volume))
 
 
 def _to_cache(box: tuple[float, ...], shown: ShownSlice) -> tuple[float, float, float, float]:
-    x, y, width, height = box
-    return (x * shown.scale_x, y * shown.scale_y, (x + width) * shown.scale_x, (y + height) * shown.scale_y)
+    x0, y0, x1, y1 = official_to_cache(np.asarray(box, dtype=np.float64), **shown.mapping)[0]
+    return float(x0), float(y0), float(x1), float(y1)
 
 
 def _windowed(pixels: np.ndarray) -> np.ndarray:

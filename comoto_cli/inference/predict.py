@@ -1,8 +1,9 @@
 """``comoto predict``: a trained detector on DICOM files as users have them, DBTex rows out.
 
 Each input is read like the training data (:func:`comoto_cli.data.dicom_io.open_dicom_image`: the official
-reader's frame, VOI window, [0, 1]) and resized with the same area filter as ``comoto preprocess``
-(:func:`comoto_cli.transforms.resize.resize_area`), so the network sees what it saw in training. DBT volumes
+reader's frame, VOI window, [0, 1]) and framed as ``comoto preprocess`` framed the detector's training cache (the
+checkpoint's ``geometry``, :mod:`comoto_cli.transforms.framing`, with the same area filter), so the network sees
+what it saw in training. DBT volumes
 go through volume inference (every slice, volume NMS); a mammogram is a one-slice volume. Boxes are reported
 in the official frame at full resolution: DBTex columns, then the input's path.
 
@@ -21,13 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from comoto_cli.config import InferenceConfig, PredictConfig
-from comoto_cli.data.dicom_io import open_dicom_image, view_from_dataset
+from comoto_cli.data.dicom_io import central_frame, open_dicom_image, view_from_dataset
 from comoto_cli.errors import ComotoError, InputDataError, UsageError
 from comoto_cli.inference.formats import PredictRun, get_format, write_output
 from comoto_cli.inference.volume import detect_volume, detections_to_dbtex
 from comoto_cli.networks.checkpoint import load_detector
+from comoto_cli.transforms.framing import Framing, framing_for, stretch
 from comoto_cli.transforms.geometry import cache_to_official
-from comoto_cli.transforms.resize import resize_area
 from comoto_cli.utils.atomic import atomic_path, ensure_writable_dir, sha256_file
 from comoto_cli.utils.system import pick_device
 
@@ -118,14 +119,15 @@ class ResizedVolume:
 
     ``volume`` is either an (S, rows, cols) array or a frame reader with ``shape`` (S, rows, cols) and
     ``frames(indices)`` yielding ``(index, frame)`` in ascending order (:class:`DbtFrames`, which decodes only
-    the frames asked for). ``source[start:stop]`` decodes those frames one at a time and resizes each with the
-    preprocess area filter (per frame, so the result equals resizing the whole stack at once, bit for bit):
-    only the requested range is ever held, at the model's size.
+    the frames asked for). ``source[start:stop]`` decodes those frames one at a time and frames each as
+    preprocess does (``framing``, default: stretched whole; per frame, so the result equals resizing the whole
+    stack at once, bit for bit): only the requested range is ever held, at the model's size.
     """
 
-    def __init__(self, volume, height: int, width: int):
+    def __init__(self, volume, height: int, width: int, framing: Framing | None = None):
         self.volume = volume
         self.shape = (int(volume.shape[0]), int(height), int(width))
+        self.framing = framing or stretch(tuple(volume.shape[1:]), int(height), int(width), None)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -139,7 +141,7 @@ class ResizedVolume:
         position = {value: i for i, value in enumerate(wanted)}
         done = 0
         for frame_index, frame in official_frames(self.volume, wanted):
-            out[position[frame_index]] = resize_area(frame, self.shape[1], self.shape[2])
+            out[position[frame_index]] = self.framing.apply(frame)
             done += 1
         if done != len(wanted):  # a reader that stopped early must not leave uninitialised slices behind
             raise RuntimeError(f"frame reader gave {done} of {len(wanted)} frames")
@@ -170,20 +172,29 @@ def detect_dicom_image(model, image, kind: str, config: InferenceConfig, device)
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"unexpected image shape {tuple(image.shape)} for kind {kind!r}")
     height, width = (int(v) for v in model.image_size)
-    scale_y, scale_x = height / shape[1], width / shape[2]
-    source = ResizedVolume(volume, height, width)
+    framing = framing_for(model.geometry, shape[1:], height, width, lambda: _reference_frame(volume))
+    source = ResizedVolume(volume, height, width, framing)
+    mapping = framing.mapping()
     if kind == "mammo":
         inference = config.model_copy(update={"skip_edge_slices": 0})
         detections = detect_volume(model, source, config=inference, device=device)
         keep = np.flatnonzero(detections["scores"] >= config.nms_min_score)
         keep = keep[np.argsort(-detections["scores"][keep], kind="stable")][: config.max_boxes_per_volume]
 
-        xywh = cache_to_official(detections["boxes"][keep], scale_y, scale_x)
+        xywh = cache_to_official(detections["boxes"][keep], **mapping)
         return {"X": xywh[:, 0], "Width": xywh[:, 2], "Y": xywh[:, 1], "Height": xywh[:, 3],
                 "Z": np.zeros(len(keep), np.int64), "Depth": np.zeros(len(keep), np.int64),
                 "Score": detections["scores"][keep].astype(np.float64)}
     detections = detect_volume(model, source, config=config, device=device)
-    return detections_to_dbtex(detections, scale_y=scale_y, scale_x=scale_x, num_slices=len(source), config=config)
+    return detections_to_dbtex(detections, **mapping, num_slices=len(source), config=config)
+
+
+def _reference_frame(volume) -> np.ndarray:
+    """The frame a cropping framing finds the breast on, as preprocess reads it: the mammogram, or the central
+    slice of a volume (decoded once more for a frame reader)."""
+    if isinstance(volume, np.ndarray):
+        return volume[volume.shape[0] // 2]
+    return central_frame(volume)
 
 
 class _InputErrors:

@@ -166,15 +166,16 @@ def top_volume_nms(slice_index: np.ndarray, boxes: np.ndarray, scores: np.ndarra
 
 
 def detections_to_dbtex(detections: dict[str, np.ndarray], *, scale_y: float, scale_x: float, num_slices: int,
-                        config: InferenceConfig) -> dict[str, np.ndarray]:
+                        config: InferenceConfig, offset_y: float = 0.0, offset_x: float = 0.0) -> dict[str, np.ndarray]:
     """Volume NMS over per-slice detections, then the survivors as DBTex rows in the official frame.
 
     Volume NMS (reference semantics, ``config.nms_*``) runs on cache-frame boxes: IoU is unchanged by the
     per-axis scaling back to the official frame, so the choice of frame does not change which boxes survive.
+    ``scale_*``, ``offset_*``: the volume's framing (``cache_to_official``).
     """
     keep = top_volume_nms(detections["slice_index"], detections["boxes"], detections["scores"], int(num_slices),
                           config)
-    xywh = cache_to_official(detections["boxes"][keep], scale_y, scale_x)
+    xywh = cache_to_official(detections["boxes"][keep], scale_y, scale_x, offset_y, offset_x)
     return {
         "X": xywh[:, 0], "Width": xywh[:, 2], "Y": xywh[:, 1], "Height": xywh[:, 3],
         "Z": detections["slice_index"][keep].astype(np.int64),
@@ -184,15 +185,17 @@ def detections_to_dbtex(detections: dict[str, np.ndarray], *, scale_y: float, sc
 
 
 def volume_predictions(model, slices, *, scale_y: float, scale_x: float, num_slices: int | None = None,
-                       config: InferenceConfig, device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
+                       config: InferenceConfig, device: torch.device | str = "cpu", offset_y: float = 0.0,
+                       offset_x: float = 0.0) -> dict[str, np.ndarray]:
     """One volume's DBTex rows: detect on every slice -> volume NMS -> official frame at full resolution.
 
-    ``scale_y``, ``scale_x`` = cache pixels per official pixel (as stored in the cache). ``num_slices`` (the
+    ``scale_y``, ``scale_x`` = cache pixels per official pixel, ``offset_y``, ``offset_x`` = the official pixel at
+    the cache origin (as stored in the cache, :meth:`SliceCache.mapping`). ``num_slices`` (the
     volume's slice count, L of the NMS window) defaults to ``len(slices)``. Returns columns ``X, Width, Y,
     Height`` (float64, top-left + size), ``Z`` (slice), ``Depth`` (0), ``Score``, in descending score order.
     """
     detections = detect_volume(model, slices, config=config, device=device)
-    return detections_to_dbtex(detections, scale_y=scale_y, scale_x=scale_x,
+    return detections_to_dbtex(detections, scale_y=scale_y, scale_x=scale_x, offset_y=offset_y, offset_x=offset_x,
                                num_slices=int(num_slices if num_slices is not None else slices.shape[0]),
                                config=config)
 
@@ -317,8 +320,7 @@ def detect_cache(model, cache, split: str, config: InferenceConfig, device: torc
             source = CacheVolume(cache, volume)
             if stream is not None:
                 source = StreamVolume(stream, source.shape, wanted[volume])
-            rows = volume_predictions(model, source, scale_y=float(vols["scale_y"][volume]),
-                                      scale_x=float(vols["scale_x"][volume]), num_slices=num_slices,
+            rows = volume_predictions(model, source, **cache.mapping(volume), num_slices=num_slices,
                                       config=config, device=device)
             parts.append(with_keys(rows, str(vols["patient_id"][volume]), str(vols["study_uid"][volume]),
                                    str(vols["view"][volume])))

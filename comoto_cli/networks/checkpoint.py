@@ -3,7 +3,8 @@
 Layout of a checkpoint (a ``torch.save`` dict):
 
 ``format`` ("comoto-checkpoint"), ``format_version`` (1), ``model_state`` (the detector's state dict),
-``model_config`` (canonical JSON string of :class:`ModelConfig`), ``image_size`` ([height, width]), ``metadata``
+``model_config`` (canonical JSON string of :class:`ModelConfig`), ``image_size`` ([height, width]), ``geometry``
+(the framing of its training images, ``preprocess.geometry``; absent in older checkpoints: "stretch"), ``metadata``
 (plain dict: epoch, metrics, command config JSON ...), and optionally ``optimizer_state``, ``scheduler_state``,
 ``extra_states`` (name -> state dict, e.g. the LsKD projection), ``rng_state`` (:func:`capture_rng_state`).
 
@@ -90,6 +91,10 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict:
     result["model_config_json"] = config_text
     result["model_config"] = model_config
     result["image_size"] = (int(image_size[0]), int(image_size[1]))
+    geometry = payload.get("geometry", "stretch")
+    if not isinstance(geometry, str) or not geometry:
+        raise CheckpointError(f"geometry must be a framing name, got {geometry!r}", path=path)
+    result["geometry"] = geometry
     result.setdefault("metadata", {})
     return result
 
@@ -127,6 +132,7 @@ def load_detector(path: Path, *, expected: ModelConfig | None = None, map_locati
         detector = build_detector(config, checkpoint["image_size"], load_weights=False)
     except ComotoError as exc:
         raise CheckpointError(f"cannot rebuild the stored model: {exc.reason}", path=path) from None
+    detector.geometry = checkpoint["geometry"]
     state = checkpoint["model_state"]
     own = detector.state_dict()
     missing = [key for key in own if key not in state]
@@ -197,6 +203,7 @@ def save_checkpoint(
     scheduler_state: dict | None = None,
     extra_states: dict[str, dict] | None = None,
     rng_state: dict | None = None,
+    geometry: str = "stretch",
 ) -> None:
     """Write a checkpoint atomically (temporary file + rename: a crash never leaves a partial file)."""
     payload: dict[str, Any] = {
@@ -205,6 +212,7 @@ def save_checkpoint(
         "model_state": _plain(model_state, "model_state"),
         "model_config": config_json(model_config),
         "image_size": [int(image_size[0]), int(image_size[1])],
+        "geometry": str(geometry),
         "metadata": _plain(json.loads(json.dumps(metadata, default=_json_default)), "metadata"),
     }
     if optimizer_state is not None:

@@ -164,6 +164,9 @@ class ComotoDetector(nn.Module):
             load_configured_weights(backbone, config)
         self.config = config
         self.image_size = (int(image_size[0]), int(image_size[1]))
+        # How images were framed into image_size for training (preprocess.geometry of its cache): predict must
+        # frame a raw DICOM the same way. Set by training and by load_detector; saved in the checkpoint.
+        self.geometry = "stretch"
         self.size_divisible = size_divisible(backbone)
         self.feature_channels = backbone.distill_channels
 

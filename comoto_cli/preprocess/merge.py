@@ -160,6 +160,8 @@ def _volume(cache: SliceCache, v: int, lesion_start: int):
         num_slices=int(volumes["num_slices"][v]), original_height=int(volumes["original_height"][v]),
         original_width=int(volumes["original_width"][v]), scale_y=float(volumes["scale_y"][v]),
         scale_x=float(volumes["scale_x"][v]), flipped=bool(volumes["flipped"][v]),
+        offset_y=float(volumes["offset_y"][v]), offset_x=float(volumes["offset_x"][v]),
+        content_height=int(volumes["content_height"][v]), content_width=int(volumes["content_width"][v]),
         volume_slices=int(volumes["volume_slices"][v]), label=str(volumes["label"][v]),
         lesions=[(int(lesions["slice"][r]), float(lesions["x"][r]), float(lesions["y"][r]),
                   float(lesions["width"][r]), float(lesions["height"][r])) for r in lesion_rows],

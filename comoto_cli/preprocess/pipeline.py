@@ -43,15 +43,15 @@ import h5py
 import numpy as np
 
 from comoto_cli.cache import h5cache
-from comoto_cli.cache.h5cache import FORMAT_VERSION, WORK_KEY, CacheWriter, StoredSlices, VolumeRecord
+from comoto_cli.cache.h5cache import FORMAT_VERSION, VOLUME_FLOAT_FIELDS, WORK_KEY, CacheWriter, StoredSlices, VolumeRecord
 from comoto_cli.cache.shards import SHARD_ATTR, SHARD_GROUP, parse_shard
 from comoto_cli.config import PreprocessConfig, config_json
 from comoto_cli.data import sources
 from comoto_cli.data.adapters import DatasetAdapter, adapter_for, default_dataset, get_adapter
 from comoto_cli.data.splits import assign_splits, merge_dataset_split
-from comoto_cli.errors import ComotoError, InputDataError
-from comoto_cli.transforms.geometry import official_to_cache
-from comoto_cli.transforms.resize import resize_area
+from comoto_cli.errors import ComotoError, InputDataError, UsageError
+from comoto_cli.transforms.framing import framing_for
+from comoto_cli.transforms.geometry import clip_boxes, official_to_cache
 from comoto_cli.utils.atomic import atomic_path, ensure_writable_dir, sha256_file
 from comoto_cli.utils.system import available_memory_bytes, usable_cores
 
@@ -59,6 +59,8 @@ from comoto_cli.utils.system import available_memory_bytes, usable_cores
 PIPELINE_VERSION = 1
 
 FINGERPRINT_ATTR = "input_fingerprint"
+MAPPING_ATTR = "mapping"  # a work file's framing: MAPPING_FIELDS, in that order
+MAPPING_FIELDS = (*VOLUME_FLOAT_FIELDS, "content_height", "content_width")
 PART_SUFFIX = ".part.h5"
 
 
@@ -108,6 +110,7 @@ class VolumeTask:
     decoder: str = "auto"
     accept_modality: tuple[str, ...] = ()  # mammograms: modalities the user vouches for (--accept-modality)
     dataset: str = ""  # the adapter that reads it; "" (tasks made by hand): the modality's default adapter
+    geometry: str = "stretch"  # the framing (comoto_cli.transforms.framing) that puts its pixels in the cache frame
 
 
 @dataclass
@@ -138,11 +141,21 @@ def _load_part(path: Path) -> dict | None:
         return None
     try:
         attrs = handle.attrs
-        return {"handle": handle, "images": handle["images"], "slice_indices": np.asarray(attrs["slice_indices"]),
+        data = {"handle": handle, "images": handle["images"], "slice_indices": np.asarray(attrs["slice_indices"]),
                 "flipped": bool(attrs["flipped"]), "shape": tuple(int(v) for v in attrs["shape"])}
+        if MAPPING_ATTR in attrs:  # parts written before framings existed are stretched: mapping from the config
+            data["mapping"] = _mapping(attrs[MAPPING_ATTR])
+        return data
     except (OSError, KeyError, ValueError):
         handle.close()
         return None
+
+
+def _mapping(values) -> dict:
+    """MAPPING_FIELDS by name (the content size as ints) from the stored values."""
+    mapping = dict(zip(MAPPING_FIELDS, (float(v) for v in values)))
+    mapping["content_height"], mapping["content_width"] = int(mapping["content_height"]), int(mapping["content_width"])
+    return mapping
 
 
 def _task_adapter(task: VolumeTask) -> DatasetAdapter:
@@ -151,14 +164,18 @@ def _task_adapter(task: VolumeTask) -> DatasetAdapter:
 
 
 def _read_source(task: VolumeTask):
-    """(shape, flipped, iterator of (index, float32 frame)) for the task's slices, from its dataset's adapter."""
+    """The task's :class:`~comoto_cli.data.adapters.base.PixelSource`, its shape checked against the header."""
     source = _task_adapter(task).open_pixels(task.path, view=task.view, csv=task.csv, row=task.row,
                                              slices=task.slices, decoder=task.decoder,
                                              accept_modality=task.accept_modality)
     if tuple(source.shape) != tuple(task.expected_shape):
         raise InputDataError(f"decoded pixels have shape {tuple(source.shape)} but the header says "
                              f"{tuple(task.expected_shape)}", path=task.path)
-    return tuple(source.shape), source.flipped, source.frames
+    return source
+
+
+def _no_reference() -> np.ndarray:
+    raise UsageError("this dataset adapter gives no reference frame, so it cannot be cropped (use geometry: stretch)")
 
 
 def _fsync(path: Path) -> None:
@@ -175,16 +192,20 @@ def process_volume(task: VolumeTask) -> dict:
     Returns ``{"part": path}`` or ``{"error": {"path", "row", "reason"}}`` for bad input (exceptions lose their
     fields when pickled). Memory: one raw frame, its float32 window and resize (see the README's bound)."""
     try:
-        shape, flipped, frames = _read_source(task)
+        source = _read_source(task)
+        shape = tuple(source.shape)
+        framing = framing_for(task.geometry, shape[1:], task.height, task.width, source.reference or _no_reference)
         indices = list(range(shape[0])) if task.slices is None else sorted(set(task.slices))
         with atomic_path(task.part) as temporary:
             images = _open_part(temporary, task, len(indices))
             try:
-                for position, (_, frame) in enumerate(frames):
-                    resized = resize_area(frame, task.height, task.width)
-                    images[position] = np.clip(resized, 0.0, 1.0).astype(np.float16)
-                images.file.attrs.update({"slice_indices": np.asarray(indices, np.int64), "flipped": flipped,
-                                          "shape": np.asarray(shape, np.int64)})
+                for position, (_, frame) in enumerate(source.frames):
+                    images[position] = np.clip(framing.apply(frame), 0.0, 1.0).astype(np.float16)
+                mapping = {**framing.mapping(), "content_height": framing.content_height,
+                           "content_width": framing.content_width}
+                images.file.attrs.update({"slice_indices": np.asarray(indices, np.int64), "flipped": source.flipped,
+                                          "shape": np.asarray(shape, np.int64),
+                                          MAPPING_ATTR: np.asarray([mapping[k] for k in MAPPING_FIELDS], np.float64)})
             finally:
                 images.file.close()
             _fsync(temporary)
@@ -223,21 +244,35 @@ def _training_slices(record, num_slices: int, lesions, offset: int, normal_slice
     return sorted(int(i) for i in rng.choice(num_slices, size=min(normal_slices, num_slices), replace=False))
 
 
-def slice_boxes(lesions, stored: list[int], scale_y: float, scale_x: float, offset: int, modality: str):
+def slice_boxes(lesions, stored: list[int], mapping: dict[str, float], offset: int, modality: str,
+                content: tuple[float, float] | None = None):
     """Per stored slice its cache-frame xyxy boxes and lesion indices: every lesion whose central slice lies
-    within ``offset`` of the slice (mammograms: every lesion)."""
+    within ``offset`` of the slice (mammograms: every lesion). ``mapping``: the volume's scale and offset
+    (``official_to_cache``'s keywords). ``content`` (height, width): where the framing put the image; boxes are
+    cut to it, and a box with nothing left inside is left out. Also returns how many lesions were cut or lost."""
     if lesions:
         table = np.asarray(lesions, dtype=np.float64).reshape(-1, 5)
-        cache = official_to_cache(table[:, 1:], scale_y, scale_x)
+        cache = official_to_cache(table[:, 1:], **mapping)
         centres = table[:, 0].astype(np.int64)
     else:
         cache, centres = np.zeros((0, 4)), np.zeros((0,), np.int64)
+    inside = np.ones(len(cache), dtype=bool)
+    cut = 0
+    if content is not None and len(cache):
+        # Only boxes that leave the image by more than rounding are cut: a box on the image border stays as it
+        # was computed (its far edge can be 1e-13 beyond the cache size).
+        clipped, inside = clip_boxes(cache, *content)
+        changed = np.any(np.abs(clipped - cache) > 1e-6, axis=1)
+        cut = int(np.count_nonzero(changed))
+        cache = np.where(changed[:, None], clipped, cache)
+        inside |= ~changed
     boxes, ids = [], []
     for index in stored:
         chosen = np.arange(len(centres)) if modality == "mammo" else np.flatnonzero(np.abs(centres - index) <= offset)
+        chosen = chosen[inside[chosen]]
         boxes.append(cache[chosen].astype(np.float32))
         ids.append(chosen.astype(np.int64))
-    return boxes, ids
+    return boxes, ids, cut
 
 
 def _record_key(record) -> tuple:
@@ -415,7 +450,8 @@ def _progress(enabled: bool, console):
 def preprocess(root: Path, out: Path, config: PreprocessConfig, *, shard: tuple[int, int] | None = None,
                progress: bool = True, console=None) -> dict:
     """Build the slice cache ``out`` from the dataset in ``root``. Returns a report dict:
-    ``out``, ``up_to_date``, ``volumes``, ``slices``, ``computed``, ``reused``, ``skipped``, ``seconds``, ``shard``.
+    ``out``, ``up_to_date``, ``volumes``, ``slices``, ``computed``, ``reused``, ``boxes_cut`` (lesion boxes cut to
+    the part of the image the framing kept), ``skipped``, ``seconds``, ``shard``.
 
     ``shard=(K, N)`` (1-based K) builds only part K of N: the plan (every volume, split over all patients) is made
     as in a full run, then the volumes at plan positions i with ``i % N == K - 1`` are kept. The file is a normal
@@ -501,7 +537,7 @@ def _build(run: _Run, plan: list[_Planned], positions: list[int], plan_size: int
     parts_dir = parts_root / run.digest
     created = [folder for folder in (out.parent, *out.parent.parents) if not folder.exists()]
     report = {"out": str(out), "up_to_date": False, "volumes": 0, "slices": 0, "computed": 0, "reused": 0,
-              "shard": run.shard_label}
+              "boxes_cut": 0, "shard": run.shard_label}
     with _exclusive(parts_root):
         try:
             _remove_stale_temporaries(out, parts_dir)
@@ -529,7 +565,7 @@ def _make_tasks(run: _Run, plan: list[_Planned], parts_dir: Path) -> None:
                                   config.image_height, config.image_width,
                                   parts_dir / _part_name(planned, run.root, config.image_height, config.image_width),
                                   config.compression_level, config.decoder, tuple(config.accept_modality),
-                                  run.adapter.name)
+                                  run.adapter.name, config.geometry)
 
 
 def _write(run: _Run, plan: list[_Planned], positions: list[int], plan_size: int, report: dict) -> list[dict]:
@@ -640,6 +676,8 @@ def _previous_slices(out: Path, digest: str, root: Path) -> Iterator[dict[str, d
                 found[key] = {"images": StoredSlices(handle["slices/images"], slice(start, start + count)),
                               "slice_indices": slice_index[start:start + count],
                               "flipped": bool(volumes["flipped"][row])}
+                if "content_height" in volumes:
+                    found[key]["mapping"] = _mapping([volumes[name][row] for name in MAPPING_FIELDS])
         yield found
     finally:
         if handle is not None:
@@ -736,15 +774,20 @@ def _write_volume(planned: _Planned, data: dict, writer: CacheWriter, config: Pr
                   adapter: DatasetAdapter, report: dict) -> None:
     record = planned.record
     num_slices, rows, cols = planned.shape
-    scale_y, scale_x = config.image_height / rows, config.image_width / cols
+    # Work files and caches from before framings hold stretched images: their mapping follows from the config.
+    mapping = data.get("mapping") or {"scale_y": config.image_height / rows, "scale_x": config.image_width / cols,
+                                      "offset_y": 0.0, "offset_x": 0.0, "content_height": config.image_height,
+                                      "content_width": config.image_width}
     stored = [int(i) for i in data["slice_indices"]]
     offset = config.lesion_slice_offset if adapter.volumes else 0
-    boxes, lesion_ids = slice_boxes(planned.lesions, stored, scale_y, scale_x, offset, adapter.modality)
+    boxes, lesion_ids, cut = slice_boxes(planned.lesions, stored, {k: mapping[k] for k in VOLUME_FLOAT_FIELDS}, offset,
+                                         adapter.modality, (mapping["content_height"], mapping["content_width"]))
+    report["boxes_cut"] += cut
     volume = VolumeRecord(
         patient_id=str(record.patient_id), study_uid=str(record.study_uid), view=str(record.view),
         split=planned.split, source=planned.source,
         num_slices=int(num_slices), original_height=int(rows), original_width=int(cols),
-        scale_y=float(scale_y), scale_x=float(scale_x), flipped=bool(data["flipped"]),
+        **mapping, flipped=bool(data["flipped"]),
         volume_slices=int(record.volume_slices or num_slices), label=str(record.label or ""),
         lesions=list(planned.lesions), lesion_classes=list(planned.classes), work_key=work_key(planned.task),
     )

@@ -3,7 +3,9 @@
 - *stored frame*: pixels as the DICOM stores them;
 - *official frame*: the official BCS-DBT reader's frame (after its 180-degree flip rule); the CSV boxes and the
   DBTex submission CSV use it, at full resolution;
-- *cache frame*: the official frame resized to the cache's (image_height, image_width).
+- *cache frame*: the official frame framed into the cache's (image_height, image_width): resized whole, or cropped
+  to the breast and resized keeping its aspect (``comoto_cli.transforms.framing``); per volume an offset and a
+  scale per axis map one to the other.
 
 Coordinates are continuous pixel coordinates: pixel ``i`` covers ``[i, i + 1)``. Boxes are ``xyxy`` arrays
 of shape (N, 4) unless named ``xywh`` (top-left X, Y, Width, Height as in the CSVs).
@@ -24,15 +26,30 @@ def xyxy_to_xywh(boxes_xyxy: np.ndarray) -> np.ndarray:
     return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
 
 
-def official_to_cache(boxes_xywh: np.ndarray, scale_y: float, scale_x: float) -> np.ndarray:
-    """CSV boxes (official frame, xywh) -> cache-frame xyxy. ``scale_*`` = cache pixels per official pixel."""
-    return xywh_to_xyxy(boxes_xywh) * np.array([scale_x, scale_y, scale_x, scale_y])
+def official_to_cache(boxes_xywh: np.ndarray, scale_y: float, scale_x: float, offset_y: float = 0.0,
+                      offset_x: float = 0.0) -> np.ndarray:
+    """CSV boxes (official frame, xywh) -> cache-frame xyxy: ``(official - offset) * scale`` per axis, with
+    ``scale_*`` cache pixels per official pixel and ``offset_*`` the official pixel at the cache frame's origin
+    (0 unless the cache's framing crops, :mod:`comoto_cli.transforms.framing`)."""
+    offset = np.array([offset_x, offset_y, offset_x, offset_y])
+    return (xywh_to_xyxy(boxes_xywh) - offset) * np.array([scale_x, scale_y, scale_x, scale_y])
 
 
-def cache_to_official(boxes_xyxy: np.ndarray, scale_y: float, scale_x: float) -> np.ndarray:
+def cache_to_official(boxes_xyxy: np.ndarray, scale_y: float, scale_x: float, offset_y: float = 0.0,
+                      offset_x: float = 0.0) -> np.ndarray:
     """Cache-frame xyxy -> official-frame xywh at full resolution (inverse of :func:`official_to_cache`)."""
     boxes = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
-    return xyxy_to_xywh(boxes / np.array([scale_x, scale_y, scale_x, scale_y]))
+    offset = np.array([offset_x, offset_y, offset_x, offset_y])
+    return xyxy_to_xywh(boxes / np.array([scale_x, scale_y, scale_x, scale_y]) + offset)
+
+
+def clip_boxes(boxes_xyxy: np.ndarray, height: float, width: float) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes cut to ``[0, width] x [0, height]`` and a mask of those left with an area (a box wholly outside
+    has none)."""
+    boxes = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
+    clipped = np.clip(boxes, 0.0, np.array([width, height, width, height], dtype=np.float64))
+    kept = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    return clipped, kept
 
 
 def hflip_boxes(boxes_xyxy: np.ndarray, width: int) -> np.ndarray:

@@ -15,7 +15,7 @@ and registers.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import ClassVar, NamedTuple, TypeVar
 
@@ -29,12 +29,15 @@ from comoto_cli.utils.registry import Registry
 
 
 class PixelSource(NamedTuple):
-    """An opened image: its (slices, rows, cols), whether the official flip rule rotated it, and an iterator of
-    ``(slice index, float32 frame in [0, 1])`` over the slices asked for, decoded as it is consumed."""
+    """An opened image: its (slices, rows, cols), whether the official flip rule rotated it, an iterator of
+    ``(slice index, float32 frame in [0, 1])`` over the slices asked for, decoded as it is consumed, and
+    ``reference``: a callable returning the frame a cropping framing finds the breast on (a volume's central
+    slice, decoded when called; a mammogram itself), None where the source has none."""
 
     shape: tuple[int, int, int]
     flipped: bool
     frames: Iterator[tuple[int, np.ndarray]]
+    reference: Callable[[], np.ndarray] | None = None
 
 
 class DatasetAdapter(ABC):
@@ -84,7 +87,9 @@ class VolumeAdapter(DatasetAdapter):
                     decoder: str, accept_modality: tuple[str, ...]) -> PixelSource:
         # Streamed: frames() decodes one frame at a time, only those asked for (a worker's memory stays bounded).
         source = dicom_io.open_dbt(path, view, row=row, csv=csv, decoder=decoder)
-        return PixelSource(tuple(int(v) for v in source.shape), bool(source.flipped), source.frames(slices))
+        shape = tuple(int(v) for v in source.shape)
+        return PixelSource(shape, bool(source.flipped), source.frames(slices),
+                           lambda: dicom_io.central_frame(source))
 
 
 class ImageAdapter(DatasetAdapter):
@@ -100,7 +105,7 @@ class ImageAdapter(DatasetAdapter):
     def open_pixels(self, path: Path, *, view: str, csv: Path, row: int, slices: list[int] | None,
                     decoder: str, accept_modality: tuple[str, ...]) -> PixelSource:
         image = dicom_io.read_mammogram(path, row=row, csv=csv, accept_modality=accept_modality)
-        return PixelSource((1, *image.shape), False, iter([(0, image)]))
+        return PixelSource((1, *image.shape), False, iter([(0, image)]), lambda: image)
 
 
 # ---------------------------------------------------------------------------------------------- registry
