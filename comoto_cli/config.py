@@ -357,9 +357,11 @@ class AugmentConfig(StrictModel):
     horizontal_flip: float = Field(0.5, ge=0.0, le=1.0, description="probability")
     vertical_flip: float = Field(0.5, ge=0.0, le=1.0, description="probability")
     intensity_jitter: float = Field(0.1, ge=0.0, le=1.0, description="max relative contrast/brightness change")
-    on_device: bool = Field(False, description="apply flips and intensity jitter to the batch on the training device "
-                            "instead of in the loader (the same random draws, the same pixels): the loader then only "
-                            "reads and decompresses, which at 2048 x 1024 nearly doubles its slices per second")
+    on_device: bool | Literal["auto"] = Field(
+        "auto", description="apply flips and intensity jitter to the batch on the training device instead of in the "
+        "loader (the same random draws, the same pixels): the loader then only reads and decompresses, which at "
+        "2048 x 1024 nearly doubles its slices per second; auto: when training on a GPU (on the CPU the work would "
+        "only move into the training process)")
 
 
 class TrainConfig(StrictModel):

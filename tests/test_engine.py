@@ -78,7 +78,8 @@ def test_on_device_augmentation_gives_the_loaders_pixels_and_boxes(tiny_cache, j
     model is the same, bit for bit, as with augmentation in the loader."""
     from comoto_cli.data.datasets import DetectionDataset, collate_detection, move_batch
 
-    in_loader = DetectionDataset(tiny_cache, "train", augment=AugmentConfig(intensity_jitter=jitter), seed=5)
+    in_loader = DetectionDataset(tiny_cache, "train", augment=AugmentConfig(intensity_jitter=jitter, on_device=False),
+                                 seed=5)
     on_device = DetectionDataset(tiny_cache, "train", augment=AugmentConfig(intensity_jitter=jitter, on_device=True),
                                  seed=5)
     for epoch in range(3):
@@ -94,6 +95,20 @@ def test_on_device_augmentation_gives_the_loaders_pixels_and_boxes(tiny_cache, j
         for a, b in zip(got["targets"], expected["targets"]):
             assert torch.equal(a["boxes"], b["boxes"])
     assert torch.any(raw["augment"][:, 0] == 1) and torch.any(raw["augment"][:, 1] == 1)
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_on_device_auto_follows_the_training_device(tiny_cache, monkeypatch, cuda):
+    """The default, "auto": augmentation moves to the device exactly when training runs on a GPU (the engine picks
+    CUDA whenever it is available); on the CPU it stays in the loader, where workers run it beside the step."""
+    from comoto_cli.data.datasets import DetectionDataset
+
+    assert AugmentConfig().on_device == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    sample = DetectionDataset(tiny_cache, "train", augment=AugmentConfig(), seed=0)[0]
+    assert ("augment" in sample) is cuda
+    assert sample["image"].dtype == (torch.float16 if cuda else torch.float32)
+    assert DetectionDataset(tiny_cache, "val").on_device is False  # no augmentation, nothing to move
 
 
 def test_collate_and_lesions_only(tiny_cache):

@@ -104,6 +104,10 @@ class DetectionDataset(Dataset):
             selected = selected[self.cache.box_count[selected] > 0]
         self.rows = np.asarray(selected, dtype=np.int64)
         self.augment = augment
+        # Resolved here, in the main process: "auto" follows the device training will use (engine.distributed picks
+        # CUDA whenever it is available), and loader workers must not probe CUDA themselves.
+        self.on_device = augment is not None and (torch.cuda.is_available() if augment.on_device == "auto"
+                                                  else bool(augment.on_device))
         self.seed = int(seed)
         self.epoch = 0
 
@@ -130,7 +134,7 @@ class DetectionDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         row = int(self.rows[index])
-        on_device = self.augment is not None and self.augment.on_device
+        on_device = self.on_device
         try:
             # On the device path the stored float16 travels (half the bytes between processes); the device widens it
             # to float32, exactly.
@@ -141,7 +145,7 @@ class DetectionDataset(Dataset):
         sample = {"labels": torch.zeros(len(boxes), dtype=torch.int64), "row": row}
         if self.augment is not None:
             rng = np.random.default_rng([self.seed, self.epoch, int(index)])
-            if self.augment.on_device:  # the boxes here, the pixels later on the device (augment_batch)
+            if on_device:  # the boxes here, the pixels later on the device (augment_batch)
                 params = augment_params(rng.random(4), self.augment)
                 boxes = augmented_boxes(boxes, params, image.shape)
                 sample["augment"] = torch.tensor(params, dtype=torch.float64)
