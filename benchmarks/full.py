@@ -227,11 +227,42 @@ def bench_loader(work: Path, rounds: int) -> dict:
     gpu_needs = GPU_STEP_BATCH / GPU_STEP_SECONDS
     best = statistics.median(rates[(cores, False)])
     device = statistics.median(rates[(cores, True)])
+    lskd = {name: statistics.median(values) for name, values in lskd_loaders(cache, cores, rounds).items()}
     return {"slices_per_s_main_process": statistics.median(rates[(0, False)]), "workers": cores,
             "slices_per_s_workers": best, "slices_per_s_per_worker": best / cores,
             "gpu_step_consumes_slices_per_s": gpu_needs, "over_gpu_step": best / gpu_needs,
             "over_gpu_step_lskd": best / (2 * gpu_needs),
-            "slices_per_s_workers_augment_on_device": device, "over_gpu_step_augment_on_device": device / gpu_needs}
+            "slices_per_s_workers_augment_on_device": device, "over_gpu_step_augment_on_device": device / gpu_needs,
+            "lskd_slices_per_s": lskd, "lskd_over_gpu_step": {k: v / (2 * gpu_needs) for k, v in lskd.items()}}
+
+
+def lskd_loaders(cache: Path, cores: int, rounds: int) -> dict[str, list[float]]:
+    """The two loaders of an LsKD step as distill runs them: the augmented DBT batches and the unaugmented teacher
+    batches, each with half the workers, drawn in turns; slices of both per second. Variants: everything in float32
+    with augmentation in the loader (as before ``augment.on_device``), and the GPU defaults (augmentation on the
+    device, both loaders passing the stored float16)."""
+    from comoto_cli.config import AugmentConfig
+    from comoto_cli.data.datasets import DetectionDataset, infinite_batches
+
+    variants = {"loader_float32": (False, False), "gpu_defaults_float16": (True, True)}
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    workers = max(1, cores // 2)
+    for _ in range(rounds):
+        for name, (on_device, stored) in variants.items():  # interleaved
+            student = DetectionDataset(cache, "train", augment=AugmentConfig(on_device=on_device), seed=0)
+            teacher = DetectionDataset(cache, "train", seed=1, stored_precision=stored)
+            batches = [infinite_batches(student, batch_size=8, seed=0, num_workers=workers),
+                       infinite_batches(teacher, batch_size=8, seed=1, num_workers=workers)]
+            for stream in batches:
+                next(stream)  # worker start-up
+            started, count = time.perf_counter(), 0
+            for _ in range(16):
+                for stream in batches:
+                    count += len(next(stream)["rows"])
+            rates[name].append(count / (time.perf_counter() - started))
+            for stream in batches:
+                stream.close()
+    return rates
 
 
 def projection(pre: dict, decoders: dict, cores_list=(2, 32)) -> dict:
@@ -285,7 +316,11 @@ def _markdown(results: dict) -> str:
         + (f" With `augment.on_device` (the pixels augmented on the GPU, not measured here): "
            f"{ld['slices_per_s_workers_augment_on_device']:.0f} slices/s with {ld['workers']} workers, "
            f"{ld['over_gpu_step_augment_on_device']:.1f}x a GPU step." if "slices_per_s_workers_augment_on_device"
-           in ld else ""),
+           in ld else "")
+        + (" LsKD's two loaders together (student and teacher batches in turns, half the workers each): "
+           + ", ".join(f"{name.replace('_', ' ')} {rate:.0f} slices/s ({ld['lskd_over_gpu_step'][name]:.1f}x the "
+                       "two batches of an LsKD step)" for name, rate in ld["lskd_slices_per_s"].items()) + "."
+           if "lskd_slices_per_s" in ld else ""),
         f"- Whole BCS-DBT projected: {pr['hours_on_2_cores']:.1f} h on 2 cores, {pr['hours_on_32_cores']:.1f} h on 32 "
         f"cores (decoding every frame of every volume: {pr['every_frame_of_every_volume_hours_on_32_cores']:.1f} h "
         f"on 32 cores; contention factor {pr['contention_factor']:.2f}).",

@@ -74,6 +74,18 @@ class SynthConfig(StrictModel):
     mammograms: int | None = Field(None, ge=2, description="number of mammograms (default: the preset's)")
     volumes: int | None = Field(None, ge=2, description="number of DBT volumes (default: the preset's)")
     seed: int = Field(0, ge=0, description="random seed; the same seed writes the same files")
+    domain_gap: Literal["basic", "realistic"] = Field(
+        "basic", description="how the two modalities' acquisitions differ: basic (one pixel size and field, isotropic "
+        "out-of-plane blur) or realistic (limited-angle DBT blur and ripple along the sweep, mammograms with finer "
+        "pixels over a taller field); docs/design.md section 7")
+
+    @model_serializer(mode="wrap")
+    def _without_basic_gap(self, handler):
+        """``domain_gap: basic`` is left out of the dump: configs and datasets made before it read the same."""
+        data = handler(self)
+        if self.domain_gap == "basic":
+            data.pop("domain_gap", None)
+        return data
 
 
 # ---------------------------------------------------------------------------------------------- preprocess

@@ -111,6 +111,21 @@ def test_on_device_auto_follows_the_training_device(tiny_cache, monkeypatch, cud
     assert DetectionDataset(tiny_cache, "val").on_device is False  # no augmentation, nothing to move
 
 
+def test_stored_precision_batches_reach_the_device_as_the_float32_ones(tiny_cache):
+    """Unaugmented batches (the LsKD teacher's) may travel as the stored float16: move_batch widens them to the
+    float32 pixels the plain loader gives, exactly."""
+    from comoto_cli.data.datasets import DetectionDataset, collate_detection, move_batch
+
+    half = DetectionDataset(tiny_cache, "train", stored_precision=True)
+    plain = DetectionDataset(tiny_cache, "train")
+    indices = range(len(plain))
+    raw = collate_detection([half[i] for i in indices])
+    assert raw["images"].dtype == torch.float16 and "augment" not in raw
+    moved = move_batch(raw, torch.device("cpu"))["images"]
+    assert moved.dtype == torch.float32
+    assert torch.equal(moved, move_batch(collate_detection([plain[i] for i in indices]), torch.device("cpu"))["images"])
+
+
 def test_collate_and_lesions_only(tiny_cache):
     from comoto_cli.data.datasets import DetectionDataset, collate_detection
 

@@ -283,3 +283,68 @@ def test_cli(tmp_path):
     assert again.exit_code != 0
     bad = runner.invoke(app, ["synth", str(tmp_path / "x"), "--volumes", "1"])
     assert bad.exit_code != 0 and not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------------------------------------- domain gap
+def _spread(psf: np.ndarray) -> tuple[float, float]:
+    """Standard deviations (rows, cols) of a non-negative point-spread function."""
+    weights = np.clip(psf, 0, None)
+    y, x = np.mgrid[0:psf.shape[0], 0:psf.shape[1]]
+    total = weights.sum()
+    cy, cx = (weights * y).sum() / total, (weights * x).sum() / total
+    return (float(np.sqrt((weights * (y - cy) ** 2).sum() / total)),
+            float(np.sqrt((weights * (x - cx) ** 2).sum() / total)))
+
+
+@pytest.mark.parametrize("projections", [0, 15])
+def test_out_of_plane_blur_runs_along_the_sweep_only_in_the_limited_angle_model(projections):
+    """A point 4 slices away: the isotropic model blurs it alike in both directions; the limited-angle model
+    (realistic gap) spreads it along the sweep (y), as N shifted copies, and hardly across it."""
+    from comoto_cli.synth.phantom import DbtParams, _depth_operator, _freq2, _freq_y
+
+    size = 128
+    params = DbtParams(sweep_projections=projections, slice_spacing_px=40.0)
+    transfer = _depth_operator(_freq2(size, size), np.array([4]), 1.0, 1.0, params, fy=_freq_y(size, size))[0]
+    point = np.zeros((size, size))
+    point[size // 2, size // 2] = 1.0
+    psf = np.fft.irfft2(np.fft.rfft2(point) * transfer, s=(size, size))
+    along, across = _spread(psf)
+    if projections == 0:
+        assert along == pytest.approx(across, rel=1e-6)
+    else:
+        assert along > 3 * across
+        # the copies reach +- d * spacing * tan(7.5 degrees) = +- 21 px along the sweep
+        profile = psf[:, size // 2]
+        assert profile[size // 2 + 18:size // 2 + 24].max() > 0.2 * profile.max()
+
+
+def test_realistic_gap_mammograms_have_a_taller_finer_field_with_the_breast_in_it(tmp_path):
+    from comoto_cli.synth import DOMAIN_GAPS, PRESETS, mammo_geometry
+
+    assert "domain_gap" not in SynthConfig().model_dump()  # datasets made before the option read the same
+    out = tmp_path / "realistic"
+    summary = generate_dataset(out, SynthConfig(size="tiny", volumes=5, mammograms=8, domain_gap="realistic"),
+                               progress=False)
+    rows, cols, breast_rows = mammo_geometry(DOMAIN_GAPS["realistic"], PRESETS["tiny"])
+    dbt_rows, dbt_cols = PRESETS["tiny"].dbt_shape
+    assert summary["mammo_shape"] == [rows, cols] and summary["domain_gap"] == "realistic"
+    assert cols == round(dbt_cols * 1.07 / 0.7) and rows == round(cols * 1.52) and breast_rows < rows
+    truth = json.loads((out / "truth.json").read_text())
+    _, findings = _rows(out / "mammo" / "finding_annotations.csv")
+    checked = 0
+    for image_id in {row["image_id"] for row in findings}:
+        row = next(r for r in findings if r["image_id"] == image_id)
+        ds = pydicom.dcmread(out / "mammo" / "images" / row["study_id"] / f"{image_id}.dicom")
+        assert (ds.Rows, ds.Columns) == (rows, cols)
+        pixels = ds.pixel_array.astype(np.float64)
+        if ds.PhotometricInterpretation == "MONOCHROME1":
+            pixels = (2**ds.BitsStored - 1) - pixels
+        tissue_rows = np.flatnonzero((pixels > 0.1 * pixels.max()).sum(axis=1) > 0.05 * cols)
+        assert tissue_rows.size and tissue_rows[-1] - tissue_rows[0] < breast_rows  # air above and / or below
+        for lesion in truth["mammo"][image_id]["lesions"]:
+            x0, y0, x1, y1 = lesion["box"]
+            assert tissue_rows[0] - 2 <= y0 < y1 <= tissue_rows[-1] + 2
+            inside, ring = _box_vs_ring(pixels, x0, y0, x1, y1)
+            assert inside > ring
+            checked += 1
+    assert checked > 0

@@ -22,6 +22,9 @@ def synth(
     seed: int | None = typer.Option(
         None, "--seed", help="Random seed; the same seed writes identical files."
     ),
+    domain_gap: str | None = typer.Option(
+        None, "--domain-gap", help="basic (default) or realistic: limited-angle DBT blur and ripple, mammograms with "
+        "finer pixels over a taller field."),
     config: Path | None = typer.Option(None, "--config", "-c", help=CONFIG_OPTION_HELP),
 ) -> None:
     """Write a synthetic DBT + mammography dataset (DICOM + CSV, real layouts) into OUT."""
@@ -31,7 +34,7 @@ def synth(
     from comoto_cli.synth import generate_dataset
 
     settings = resolve_config(
-        SynthConfig, config, size=size, mammograms=mammograms, volumes=volumes, seed=seed
+        SynthConfig, config, size=size, mammograms=mammograms, volumes=volumes, seed=seed, domain_gap=domain_gap
     )
     start = time.perf_counter()
     summary = generate_dataset(out, settings, progress=True)
@@ -51,6 +54,6 @@ def synth(
         f"{summary['mammo_test_images']} in VinDr 'test'; "
         f"{summary['mammo_shape'][0]}x{summary['mammo_shape'][1]} px",
     )
-    table.add_row("Seed / size", f"{settings.seed} / {settings.size}")
+    table.add_row("Seed / size / domain gap", f"{settings.seed} / {settings.size} / {settings.domain_gap}")
     table.add_row("Time", f"{elapsed:.1f} s")
     console.print(table)

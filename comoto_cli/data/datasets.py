@@ -96,7 +96,8 @@ class DetectionDataset(Dataset):
     """
 
     def __init__(self, cache: SliceCache | str | Path, split: str = "train", *, augment: AugmentConfig | None = None,
-                 seed: int = 0, rows: Sequence[int] | np.ndarray | None = None, lesions_only: bool = False):
+                 seed: int = 0, rows: Sequence[int] | np.ndarray | None = None, lesions_only: bool = False,
+                 stored_precision: bool | None = None):
         self.cache = cache if isinstance(cache, SliceCache) else SliceCache(cache)
         self.split = split
         selected = self.cache.slices_in_split(split) if rows is None else np.asarray(rows, dtype=np.int64)
@@ -108,6 +109,9 @@ class DetectionDataset(Dataset):
         # CUDA whenever it is available), and loader workers must not probe CUDA themselves.
         self.on_device = augment is not None and (torch.cuda.is_available() if augment.on_device == "auto"
                                                   else bool(augment.on_device))
+        # Pixels leave as stored (float16, half the bytes between processes and to the device), widened exactly by
+        # move_batch: always when the device augments them, and on request for batches without pixel work.
+        self.stored_precision = self.on_device or bool(stored_precision)
         self.seed = int(seed)
         self.epoch = 0
 
@@ -134,11 +138,9 @@ class DetectionDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         row = int(self.rows[index])
-        on_device = self.on_device
+        on_device, stored = self.on_device, self.stored_precision
         try:
-            # On the device path the stored float16 travels (half the bytes between processes); the device widens it
-            # to float32, exactly.
-            image = self.cache.images_f16(row) if on_device else self.cache.image(row)
+            image = self.cache.images_f16(row) if stored else self.cache.image(row)
         except (OSError, KeyError) as exc:
             raise InputDataError(f"cannot read slice {row} ({exc})", path=self.cache.path) from None
         boxes = np.asarray(self.cache.boxes(row), dtype=np.float32).reshape(-1, 4)
@@ -151,7 +153,7 @@ class DetectionDataset(Dataset):
                 sample["augment"] = torch.tensor(params, dtype=torch.float64)
             else:
                 image, boxes = augment_sample(image, boxes, self.augment, rng)
-        sample["image"] = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float16 if on_device else np.float32))[None]
+        sample["image"] = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float16 if stored else np.float32))[None]
         sample["boxes"] = torch.from_numpy(boxes.copy())
         return sample
 
@@ -170,11 +172,13 @@ def collate_detection(samples: list[dict]) -> dict:
 
 
 def move_batch(batch: dict, device: torch.device) -> dict:
-    """Batch onto ``device`` (non_blocking; pinned memory makes that asynchronous on CUDA), its pixels augmented
-    there when the loader left that to the device (``augment.on_device``)."""
+    """Batch onto ``device`` (non_blocking; pinned memory makes that asynchronous on CUDA), float32, its pixels
+    augmented there when the loader left that to the device (``augment.on_device``)."""
     images = batch["images"].to(device, non_blocking=True)
+    if images.dtype == torch.float16:  # stored precision (DetectionDataset.stored_precision): widened exactly
+        images = images.float()
     if "augment" in batch:
-        images = augment_batch(images.float(), batch["augment"])
+        images = augment_batch(images, batch["augment"])
     return {
         "images": images,
         "targets": [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in batch["targets"]],

@@ -214,7 +214,8 @@ def _with_teacher_batches(setup: ModeSetup, mode: DistillMode, teacher, env) -> 
         raise UsageError(f"the teacher was trained on images framed with geometry {teacher.geometry!r}, the teacher "
                          f"cache was made with {mammo.geometry!r}", path=config.teacher_cache)
     _freeze(teacher, env.device)
-    mammo_set = DetectionDataset(mammo, "train", augment=None, lesions_only=mode.teacher_images == "lesions")
+    mammo_set = DetectionDataset(mammo, "train", augment=None, lesions_only=mode.teacher_images == "lesions",
+                                 stored_precision=env.device.type == "cuda")
     # Each rank draws its own stream of unpaired mammography batches.
     # Its own loader workers (half the automatic count; the DBT loader has the other half).
     teacher_batches = infinite_batches(mammo_set, batch_size=config.batch_size,

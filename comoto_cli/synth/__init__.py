@@ -27,7 +27,7 @@ import os
 import shutil
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from comoto_cli.data.tables import DBT_VIEWS
 from comoto_cli.data.tables import VINDR_BREAST_COLUMNS as BREAST_COLUMNS
 from comoto_cli.data.tables import VINDR_FINDING_COLUMNS as FINDING_COLUMNS
 from comoto_cli.errors import ComotoError, UsageError
-from comoto_cli.synth.phantom import DbtParams, dbt_volume, mammogram
+from comoto_cli.synth.phantom import DbtParams, MammoParams, dbt_volume, mammogram
 from comoto_cli.synth.writer import synth_uid, write_dbt_dicom, write_mammo_dicom
 from comoto_cli.utils.atomic import ensure_writable_dir
 from comoto_cli.utils.csvio import write_csv_atomic
@@ -71,6 +71,39 @@ PRESETS: dict[str, Preset] = {
     "demo": Preset(240, 64, (768, 608), (16, 20), (640, 512), 2),
     "bench": Preset(1000, 240, (1024, 800), (20, 28), (1024, 800), 4),
 }
+
+
+@dataclass(frozen=True)
+class DomainGap:
+    """How the two acquisitions differ (``synth.domain_gap``; the same for every method, never tuned per method).
+
+    ``sweep_projections``: DBT out-of-plane model (0: isotropic blur; N: limited-angle shift-and-add of N projections
+    over +- 7.5 degrees along the sweep, ``DbtParams``). The mammogram's pixel is ``mammo_pixel`` times DBT's and its
+    field ``mammo_field_width`` times as wide with rows / cols = ``mammo_aspect`` (None: the preset's mammogram
+    shape, one pixel size for both); the breast keeps its physical size, so it fills less of a taller field."""
+
+    sweep_projections: int = 0
+    mammo_pixel: float = 1.0
+    mammo_field_width: float = 1.0
+    mammo_aspect: float | None = None
+
+
+DOMAIN_GAPS: dict[str, DomainGap] = {
+    "basic": DomainGap(),
+    # BCS-DBT: 2457 x 1996 at about 0.1 mm (246 x 200 mm), 15 projections over 15 degrees; a full-field mammogram
+    # such as 4664 x 3064 at about 0.07 mm covers 326 x 214 mm: finer pixels, a field 7 % wider and 1.52 tall.
+    "realistic": DomainGap(sweep_projections=15, mammo_pixel=0.7, mammo_field_width=1.07, mammo_aspect=1.52),
+}
+
+
+def mammo_geometry(gap: DomainGap, preset: Preset) -> tuple[int, int, int]:
+    """(rows, cols, breast_rows) of a mammogram: the field, and the rows of it that a DBT field's height covers
+    (where the breast is drawn; the rest is air)."""
+    if gap.mammo_aspect is None:
+        return preset.mammo_shape[0], preset.mammo_shape[1], preset.mammo_shape[0]
+    cols = round(preset.dbt_shape[1] * gap.mammo_field_width / gap.mammo_pixel)
+    rows = round(cols * gap.mammo_aspect)
+    return rows, cols, min(rows, round(preset.dbt_shape[0] / gap.mammo_pixel))
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -211,7 +244,7 @@ def _make_dbt(task: dict[str, Any], root: str) -> dict[str, Any]:
         task["view"],
         task["kinds"],
         task["calcs"],
-        DbtParams(lowres=task["lowres"]),
+        DbtParams(lowres=task["lowres"], sweep_projections=task.get("sweep_projections", 0)),
     )
     stored = volume[:, ::-1, ::-1] if task["rotated"] else volume
     seed, pid = task["seed"], task["patient_id"]
@@ -247,12 +280,31 @@ def _make_dbt(task: dict[str, Any], root: str) -> dict[str, Any]:
     }
 
 
+def _in_taller_field(rng: np.random.Generator, image: np.ndarray, lesions: list, rows: int, view: str):
+    """``image`` placed in a field ``rows`` tall, the rest air (an MLO's pectoral muscle stays at the top edge)."""
+    top = 0 if view.upper() == "MLO" else int(rng.integers(0, rows - image.shape[0] + 1))
+    field = np.clip(0.004 * rng.standard_normal((rows, image.shape[1]), dtype=np.float32), 0.0, 1.0)
+    field[top:top + image.shape[0]] = image
+    for lesion in lesions:
+        x0, y0, x1, y1 = lesion.box
+        lesion.y += top
+        lesion.box = (x0, y0 + top, x1, y1 + top)
+    return field, lesions
+
+
 def _make_mammo(task: dict[str, Any], root: str) -> dict[str, Any]:
 
     rng = _rng(task["seed"], 2, task["index"])
+    breast_rows = task.get("breast_rows", task["rows"])
+    params = None
+    if task.get("field_width", 1.0) != 1.0:  # lesions keep their physical size in a wider field
+        base = MammoParams()
+        params = replace(base, size_range=tuple(v / task["field_width"] for v in base.size_range))
     image, lesions = mammogram(
-        rng, task["rows"], task["cols"], task["laterality"], task["view"], task["density"], task["kinds"]
+        rng, breast_rows, task["cols"], task["laterality"], task["view"], task["density"], task["kinds"], params
     )
+    if breast_rows < task["rows"]:
+        image, lesions = _in_taller_field(rng, image, lesions, task["rows"], task["view"])
     top = 2 ** task["bits"] - 1
     values = np.rint(image * top * 0.97).astype(np.uint16)
     inside = values[image > 0.05]
@@ -433,7 +485,8 @@ def _write_tables(
         "mammo_findings": n_findings,
         "mammo_normal_images": sum(not r["lesions"] for _, r in mammo),
         "mammo_test_images": sum(t["split"] == "test" for t, _ in mammo),
-        "mammo_shape": [preset.mammo_shape[0], preset.mammo_shape[1]],
+        "mammo_shape": [mammo[0][0]["rows"], mammo[0][0]["cols"]] if mammo else list(preset.mammo_shape),
+        "domain_gap": config.domain_gap,
     }
 
 
@@ -460,8 +513,14 @@ def generate_dataset(
     preset = PRESETS[config.size]
     n_mammo = config.mammograms if config.mammograms is not None else preset.mammograms
     n_dbt = config.volumes if config.volumes is not None else preset.volumes
+    gap = DOMAIN_GAPS[config.domain_gap]
     dbt_tasks = _plan_dbt(config.seed, n_dbt, preset)
     mammo_tasks = _plan_mammo(config.seed, n_mammo, preset)
+    rows, cols, breast_rows = mammo_geometry(gap, preset)
+    for task in dbt_tasks:
+        task["sweep_projections"] = gap.sweep_projections
+    for task in mammo_tasks:
+        task.update(rows=rows, cols=cols, breast_rows=breast_rows, field_width=gap.mammo_field_width)
 
     ensure_writable_dir(out.parent)  # one line naming the file that blocks the path, if one does
     try:

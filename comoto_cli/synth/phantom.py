@@ -27,7 +27,7 @@ left edge, x = 0) and mirrored for right breasts, so image laterality follows th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -81,6 +81,11 @@ def _freq2(rows: int, cols: int) -> np.ndarray:
     fy = np.fft.fftfreq(rows)[:, None]
     fx = np.fft.rfftfreq(cols)[None, :]
     return fy**2 + fx**2
+
+
+def _freq_y(rows: int, cols: int) -> np.ndarray:
+    """|f_y| on the grid of :func:`_freq2` (the sweep axis of the DBT acquisition is y)."""
+    return np.broadcast_to(np.abs(np.fft.fftfreq(rows))[:, None], (rows, cols // 2 + 1))
 
 
 # ------------------------------------------------------------------------------------------------ breast
@@ -330,18 +335,41 @@ class DbtParams:
     lesion_contrast: tuple[float, float] = (1.0, 1.6)
     tissue_gain: float = 0.9  # display gain of the glandular fraction after the depth operator
     size_range: tuple[float, float] = (0.05, 0.16)  # lesion box side, fraction of the image width
+    # Limited-angle acquisition (the "realistic" domain gap): 0 keeps the isotropic out-of-plane blur above. N > 0:
+    # a layer d slices away is seen as N copies shifted along the sweep axis (y) by d * slice spacing * tan(angle)
+    # for N angles evenly over +- sweep_half_angle (shift-and-add: the blur and ripple of a reconstruction), with
+    # only cross_sweep_fraction of the isotropic blur left across it.
+    sweep_projections: int = 0
+    sweep_half_angle: float = 7.5  # degrees (a 15-degree sweep)
+    cross_sweep_fraction: float = 0.25
+    slice_spacing_px: float = 0.0  # full-resolution pixels between slices; set per volume by dbt_volume
 
 
 def _depth_operator(
-    freq2: np.ndarray, distance: np.ndarray, sigma0: float, growth: float, p: DbtParams
+    freq2: np.ndarray, distance: np.ndarray, sigma0: float, growth: float, p: DbtParams,
+    fy: np.ndarray | None = None, pixel_scale: float = 1.0,
 ) -> np.ndarray:
     """Fourier transfer function (len(distance), *freq2.shape) of a layer seen from a slice ``distance`` away.
 
-    Sigmas are in the pixels of the grid ``freq2`` was made for."""
+    Sigmas are in the pixels of the grid ``freq2`` was made for; ``fy`` (|f_y| on that grid) and ``pixel_scale``
+    (full-resolution pixels per grid pixel) are needed by the limited-angle model (``p.sweep_projections``)."""
     d = np.abs(distance).astype(np.float64)
     weight = np.where(d == 0, 1.0, p.out_of_plane_weight * np.exp(-(d - 1) / p.out_of_plane_decay))
-    sigma = sigma0 + growth * d
-    return weight[:, None, None] * np.exp(-2 * math.pi**2 * sigma[:, None, None] ** 2 * freq2[None])
+    if p.sweep_projections <= 0:
+        sigma = sigma0 + growth * d
+        return weight[:, None, None] * np.exp(-2 * math.pi**2 * sigma[:, None, None] ** 2 * freq2[None])
+    sigma = sigma0 + p.cross_sweep_fraction * growth * d
+    out = weight[:, None, None] * np.exp(-2 * math.pi**2 * sigma[:, None, None] ** 2 * freq2[None])
+    comb = np.zeros_like(out)
+    for shift in sweep_shifts(p) / pixel_scale:  # the projections' copies, d * shift grid pixels along y
+        comb += np.cos(2 * math.pi * fy[None] * (d * shift)[:, None, None])
+    return out * (comb / p.sweep_projections)
+
+
+def sweep_shifts(p: DbtParams) -> np.ndarray:
+    """Shift along the sweep axis per slice of depth distance, full-resolution pixels, one per projection."""
+    angles = np.radians(np.linspace(-p.sweep_half_angle, p.sweep_half_angle, p.sweep_projections))
+    return p.slice_spacing_px * np.tan(angles)
 
 
 def _slice_reach(depth: np.ndarray) -> np.ndarray:
@@ -375,6 +403,9 @@ def dbt_volume(
     boxes and central slices) and the VOI window (centre, width).
     """
     p = params or DbtParams()
+    if p.sweep_projections > 0 and p.slice_spacing_px <= 0:
+        # A 50 mm compressed breast over the slices, a 200 mm field over the columns.
+        p = replace(p, slice_spacing_px=(50.0 / slices) / (200.0 / cols))
     breast = Breast.sample(rng, rows, cols, mlo=view.endswith("mlo"))
     f = p.lowres
     h, w = -(-rows // f), -(-cols // f)
@@ -390,7 +421,8 @@ def dbt_volume(
     spec = np.fft.rfft2(gland)
     freq_low = _freq2(h, w)
     dist = np.arange(slices)
-    transfer = _depth_operator(freq_low, dist, p.inplane_sigma / f, p.blur_per_slice * cols / f, p)
+    transfer = _depth_operator(freq_low, dist, p.inplane_sigma / f, p.blur_per_slice * cols / f, p,
+                               fy=_freq_y(h, w), pixel_scale=f)
     mixed = np.empty_like(spec)
     for z in range(slices):
         mixed[z] = np.einsum("kyx,kyx->yx", transfer[np.abs(z - dist)], spec)
@@ -468,7 +500,8 @@ def _render_dbt_lesion(
     out_slices = np.arange(max(0, lesion.slice - reach_z), min(slices, lesion.slice + reach_z + 1))
     contributions = np.empty((len(out_slices), size, size), dtype=np.float32)
     for i, z in enumerate(out_slices):
-        transfer = _depth_operator(freq, z - layers, p.inplane_sigma, p.blur_per_slice * cols, p)
+        transfer = _depth_operator(freq, z - layers, p.inplane_sigma, p.blur_per_slice * cols, p,
+                                   fy=_freq_y(size, size))
         contributions[i] = np.fft.irfft2((transfer * spec).sum(axis=0), s=(size, size))
     # placement of the patch in the image (the patch may hang over the edges)
     y0, x0 = max(0, oy), max(0, ox)
@@ -489,15 +522,19 @@ def _render_dbt_lesion(
 def _render_dbt_calcs(image: np.ndarray, calc: Lesion, amplitude: float, p: DbtParams, cols: int) -> None:
     """Calcifications are tiny: a slice away shows them blurred, as an analytic Gaussian of the same mass."""
     slices = image.shape[0]
+    sweep = p.sweep_projections > 0
+    # Limited angle: one copy per projection along the sweep axis, each with 1/N of the weight (the ripple of a
+    # calcification a few slices away); otherwise one isotropic blur.
+    shifts = sweep_shifts(p) if sweep else np.zeros(1)
     for z in range(max(0, calc.slice - 3), min(slices, calc.slice + 4)):
         d = abs(z - calc.slice)
         weight = 1.0 if d == 0 else p.out_of_plane_weight * math.exp(-(d - 1) / p.out_of_plane_decay)
-        blur = p.inplane_sigma + p.blur_per_slice * cols * d
+        blur = p.inplane_sigma + (p.cross_sweep_fraction if sweep else 1.0) * p.blur_per_slice * cols * d
         for dx, dy, sigma in calc.dots:
             s_eff = math.hypot(sigma, blur)
-            stamp_gaussian(
-                image[z], calc.x + dx, calc.y + dy, s_eff, amplitude * weight * (sigma / s_eff) ** 2
-            )
+            for shift in shifts:
+                stamp_gaussian(image[z], calc.x + dx, calc.y + dy + d * shift, s_eff,
+                               amplitude * weight * (sigma / s_eff) ** 2 / len(shifts))
 
 
 # ------------------------------------------------------------------------------------------------ mammography
