@@ -27,7 +27,7 @@ import os
 import shutil
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -296,10 +296,7 @@ def _make_mammo(task: dict[str, Any], root: str) -> dict[str, Any]:
 
     rng = _rng(task["seed"], 2, task["index"])
     breast_rows = task.get("breast_rows", task["rows"])
-    params = None
-    if task.get("field_width", 1.0) != 1.0:  # lesions keep their physical size in a wider field
-        base = MammoParams()
-        params = replace(base, size_range=tuple(v / task["field_width"] for v in base.size_range))
+    params = MammoParams(field_width=task.get("field_width", 1.0))
     image, lesions = mammogram(
         rng, breast_rows, task["cols"], task["laterality"], task["view"], task["density"], task["kinds"], params
     )

@@ -105,11 +105,14 @@ class Breast:
     pec_y: float = 0.0
 
     @staticmethod
-    def sample(rng: np.random.Generator, rows: int, cols: int, mlo: bool) -> Breast:
-        a = cols * rng.uniform(0.70, 0.88)
+    def sample(rng: np.random.Generator, rows: int, cols: int, mlo: bool, width: float | None = None) -> Breast:
+        """``width``: the field width the breast's depth is a fraction of (default ``cols``; a wider field of the
+        same pixels gives less, so the breast keeps its physical size)."""
+        width = cols if width is None else width
+        a = width * rng.uniform(0.70, 0.88)
         b = rows * (rng.uniform(0.43, 0.48) if mlo else rng.uniform(0.38, 0.46))
         cy = rows * (0.5 + rng.uniform(-0.025, 0.025))
-        pec = (cols * rng.uniform(0.18, 0.32), rows * rng.uniform(0.35, 0.55)) if mlo else (0.0, 0.0)
+        pec = (width * rng.uniform(0.18, 0.32), rows * rng.uniform(0.35, 0.55)) if mlo else (0.0, 0.0)
         return Breast(rows, cols, a, b, cy, mlo, *pec)
 
     def radius(self, rows: int | None = None, cols: int | None = None) -> np.ndarray:
@@ -553,6 +556,9 @@ class MammoParams:
     calc_amplitude: tuple[float, float] = (1.4, 2.2)
     size_range: tuple[float, float] = (0.05, 0.16)
     gamma: float = 0.75
+    # The field's width over a DBT field's (realistic domain gap: 1.07): breast and lesion sizes, fractions of the
+    # width, are taken of the DBT-sized width so that they keep their physical size.
+    field_width: float = 1.0
 
 
 def mammogram(
@@ -571,7 +577,8 @@ def mammogram(
     "calcification"). The left breast's chest wall is on the left edge, the right one's on the right.
     """
     p = params or MammoParams()
-    breast = Breast.sample(rng, rows, cols, mlo=view.upper() == "MLO")
+    width = cols / p.field_width
+    breast = Breast.sample(rng, rows, cols, mlo=view.upper() == "MLO", width=width)
     f = p.lowres
     h, w = -(-rows // f), -(-cols // f)
     depth = (np.arange(p.layers) + 0.5) / p.layers - 0.5
@@ -587,13 +594,13 @@ def mammogram(
     attenuation = 2.0 * thick + 0.55 * projection + 1.6 * breast.pectoral() * (thick > 0)
     lesions: list[Lesion] = []
     for kind in kinds:
-        lesion = sample_lesion(rng, kind, cols, p.size_range if kind != "calcification" else (0.04, 0.09))
+        lesion = sample_lesion(rng, kind, width, p.size_range if kind != "calcification" else (0.04, 0.09))
         if not _place(rng, lesion, breast, lesions):
             continue
         _render_mammo_lesion(rng, attenuation, lesion, p)
         lesions.append(lesion)
     for _ in range(int(rng.integers(0, 3))):  # scattered benign calcifications, not findings
-        calc = sample_lesion(rng, "calcification", cols, (0.03, 0.06))
+        calc = sample_lesion(rng, "calcification", width, (0.03, 0.06))
         if _place(rng, calc, breast, lesions):
             for dx, dy, sigma in calc.dots[: max(2, len(calc.dots) // 3)]:
                 stamp_gaussian(attenuation, calc.x + dx * 3, calc.y + dy * 3, sigma, rng.uniform(0.5, 1.0))
