@@ -44,7 +44,8 @@ def run(dbt_cache: Path, mammo_cache: Path, model: dict, *, batch_size: int = 8,
 
     seed_everything(0)
     config = DistillConfig.model_validate({"model": model, "batch_size": batch_size,
-                                           "optim": {"name": "adamw", "lr": 1e-3}})
+                                           "optim": {"name": "adamw", "lr": 1e-3},
+                                           "augment": {"on_device": False}})  # the step runs on the CPU here
     dbt = DetectionDataset(dbt_cache, "train", augment=config.augment, lesions_only=True)
     mammo = DetectionDataset(mammo_cache, "train", lesions_only=True)
     student_size, teacher_size = dbt.image_size, mammo.image_size

@@ -63,7 +63,8 @@ def run(cache_path=None, *, steps: int = 20, warmup: int = 3, batch_size: int = 
         temporary = tempfile.TemporaryDirectory()
         cache_path = _tiny_cache(Path(temporary.name) / "bench.h5")
     config = TeacherConfig.model_validate({"model": model or TINY_MODEL, "optim": {"name": "adamw", "lr": 1e-3},
-                                           "batch_size": batch_size, "impa": impa, "num_workers": num_workers})
+                                           "batch_size": batch_size, "impa": impa, "num_workers": num_workers,
+                                           "augment": {"on_device": False}})  # the step runs on the CPU here
     seed_everything(0)
     dataset = DetectionDataset(cache_path, "train", augment=config.augment)
     image_size = dataset.image_size

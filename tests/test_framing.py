@@ -47,6 +47,16 @@ def test_breast_box_is_the_whole_image_when_nothing_stands_out(image):
     assert breast_box(image) == (0, 300, 0, 200)
 
 
+def test_a_breast_filling_the_frame_keeps_its_fatty_tissue():
+    """Fat (0.3) to every edge but a corner of air of 0.5 %, dense tissue (0.8) in the middle: the darkest
+    percentile is fat, not air; the box must still hold all the tissue, not only the dense part."""
+    rows, cols = 1200, 1000
+    image = np.full((rows, cols), 0.3, np.float32)
+    image += 0.5 * (half_ellipse(rows, cols, 500.0, 400.0, 600.0) > 0)
+    image[:70, -90:] = 0.0  # 0.5 % air
+    assert breast_box(image) == (0, rows, 0, cols)
+
+
 # ---------------------------------------------------------------------------------------------- geometry
 @st.composite
 def crops_and_boxes(draw):
@@ -238,3 +248,16 @@ def test_csv_boxes_are_unchanged_by_the_crop(cropped, tiny_synth):
     csv = sorted(zip(table.floats("X"), table.floats("Y"), table.floats("Width"), table.floats("Height")))
     ours = sorted(zip(*(cache.lesions[name].tolist() for name in ("x", "y", "width", "height"))))
     np.testing.assert_allclose(ours, csv)
+
+
+def test_boxes_cut_by_the_crop_are_cut_and_slivers_left_out():
+    from comoto_cli.preprocess.pipeline import slice_boxes
+
+    # Official xywh boxes against a content of 100 x 80 cache pixels at scale 1, offset (10, 20): one inside, one
+    # half outside on the right (kept, cut), one 90 % outside at the bottom (left out), one on the border exactly.
+    lesions = [(0, 30.0, 20.0, 10.0, 10.0), (0, 90.0, 40.0, 20.0, 10.0), (0, 40.0, 109.0, 10.0, 10.0),
+               (0, 20.0, 10.0, 80.0, 100.0)]
+    mapping = {"scale_y": 1.0, "scale_x": 1.0, "offset_y": 10.0, "offset_x": 20.0}
+    boxes, ids, cut = slice_boxes(lesions, [0], mapping, 0, "dbt", (100, 80))
+    assert cut == 2 and ids[0].tolist() == [0, 1, 3]
+    np.testing.assert_allclose(boxes[0], [[10, 10, 20, 20], [70, 30, 80, 40], [0, 0, 80, 100]])

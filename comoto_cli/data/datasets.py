@@ -110,8 +110,9 @@ class DetectionDataset(Dataset):
         self.on_device = augment is not None and (torch.cuda.is_available() if augment.on_device == "auto"
                                                   else bool(augment.on_device))
         # Pixels leave as stored (float16, half the bytes between processes and to the device), widened exactly by
-        # move_batch: always when the device augments them, and on request for batches without pixel work.
-        self.stored_precision = self.on_device or bool(stored_precision)
+        # move_batch: always when the device augments them, and on request for batches without pixel work (never
+        # when the loader augments: that works on float32, as it always has).
+        self.stored_precision = self.on_device or (bool(stored_precision) and augment is None)
         self.seed = int(seed)
         self.epoch = 0
 

@@ -49,6 +49,14 @@ FORMATS = ("torchscript", "onnx")
 METADATA_KEY = "comoto_export"  # TorchScript extra file "comoto_export.json", ONNX metadata_props key
 METADATA_FORMAT = "comoto-export"
 METADATA_VERSION = 1
+# What input.geometry names (comoto_cli.transforms.framing): how a full-resolution image becomes the model's input.
+GEOMETRY_MEANING = {
+    "stretch": "the whole image area-resized to height x width (each axis its own scale)",
+    "breast-crop": "the breast's bounding box (largest region 5 % of the intensity range above the darkest, on a "
+                   "256-pixel thumbnail of the image or of a volume's central slice, 2 % margin) area-resized with one "
+                   "scale for both axes into the top-left corner, the rest 0; boxes map back as official = cache / "
+                   "scale + crop origin",
+}
 ONNX_OPSET = 17
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("cls_logits", "box_regression")
@@ -122,7 +130,9 @@ def export_metadata(detector: ComotoDetector, image_size: tuple[int, int], expor
         "input": {
             "name": INPUT_NAME, "shape": ["batch", 1, height, width], "dtype": "float32",
             "values": "slices as `comoto preprocess` caches them: official reader frame, VOI window (MONOCHROME1 "
-                      "inverted), in [0, 1], area-resized to height x width",
+                      "inverted), in [0, 1], framed into height x width by `geometry`",
+            "geometry": getattr(detector, "geometry", "stretch"),
+            "geometry_meaning": GEOMETRY_MEANING.get(getattr(detector, "geometry", "stretch"), ""),
         },
         "outputs": {
             OUTPUT_NAMES[0]: {"shape": ["batch", offset, 1], "meaning": "lesion logit per anchor; score = sigmoid"},

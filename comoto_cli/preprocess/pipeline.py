@@ -59,6 +59,7 @@ from comoto_cli.utils.system import available_memory_bytes, usable_cores
 PIPELINE_VERSION = 1
 
 FINGERPRINT_ATTR = "input_fingerprint"
+MIN_KEPT_FRACTION = 0.25  # of a lesion box's area, for it to stay a training target after the crop cut it
 MAPPING_ATTR = "mapping"  # a work file's framing: MAPPING_FIELDS, in that order
 MAPPING_FIELDS = (*VOLUME_FLOAT_FIELDS, "content_height", "content_width")
 PART_SUFFIX = ".part.h5"
@@ -249,7 +250,8 @@ def slice_boxes(lesions, stored: list[int], mapping: dict[str, float], offset: i
     """Per stored slice its cache-frame xyxy boxes and lesion indices: every lesion whose central slice lies
     within ``offset`` of the slice (mammograms: every lesion). ``mapping``: the volume's scale and offset
     (``official_to_cache``'s keywords). ``content`` (height, width): where the framing put the image; boxes are
-    cut to it, and a box with nothing left inside is left out. Also returns how many lesions were cut or lost."""
+    cut to it, and a box with less than ``MIN_KEPT_FRACTION`` of its area left inside is left out. Also returns how
+    many lesions were cut or left out."""
     if lesions:
         table = np.asarray(lesions, dtype=np.float64).reshape(-1, 5)
         cache = official_to_cache(table[:, 1:], **mapping)
@@ -264,6 +266,10 @@ def slice_boxes(lesions, stored: list[int], mapping: dict[str, float], offset: i
         clipped, inside = clip_boxes(cache, *content)
         changed = np.any(np.abs(clipped - cache) > 1e-6, axis=1)
         cut = int(np.count_nonzero(changed))
+        # A lesion mostly outside the kept region is not a training target: a sliver of it would teach the edge.
+        area = (cache[:, 2] - cache[:, 0]) * (cache[:, 3] - cache[:, 1])
+        kept = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
+        inside &= kept >= MIN_KEPT_FRACTION * area
         cache = np.where(changed[:, None], clipped, cache)
         inside |= ~changed
     boxes, ids = [], []

@@ -40,6 +40,9 @@ from comoto_cli.utils.registry import Registry
 #: How much of the image's intensity range, above its darkest percentile, counts as tissue (the VOI window puts
 #: air near 0; fatty tissue is well above 5 % of the range in mammograms and DBT slices alike).
 TISSUE_FRACTION = 0.05
+#: Air after the VOI window is at most this: the darkest level used is never above it, so a breast that fills the
+#: frame (its darkest percentile being fat, not air) keeps all of its tissue.
+AIR_LEVEL = 0.02
 #: Margin added around the breast on each side, as a fraction of the image's side: out-of-plane blur and skin.
 MARGIN_FRACTION = 0.02
 #: The breast is looked for on a thumbnail with this many pixels on its longer side (a few ms per volume).
@@ -116,8 +119,9 @@ def breast_box(image: np.ndarray) -> tuple[int, int, int, int]:
     """(y0, y1, x0, x1): rows y0..y1-1 and columns x0..x1-1 of ``image`` (rows, cols; [0, 1], air dark) that hold
     the breast, with a margin; the whole image when no breast stands out (blank, or tissue from edge to edge).
 
-    The breast is the largest 8-connected region brighter than the darkest percentile by ``TISSUE_FRACTION`` of
-    the range, on a thumbnail: markers and burnt-in labels are smaller regions, and are left out.
+    The breast is the largest 8-connected region brighter than the darkest percentile (at most ``AIR_LEVEL``) by
+    ``TISSUE_FRACTION`` of the range, on a thumbnail: markers and burnt-in labels are smaller regions, and are left
+    out.
     """
     from scipy import ndimage  # noqa: PLC0415 - only the breast-crop framing needs it
 
@@ -127,6 +131,7 @@ def breast_box(image: np.ndarray) -> tuple[int, int, int, int]:
     small = resize_area(image, small_rows, small_cols) if factor > 1 else np.asarray(image, np.float32)
     small_rows, small_cols = small.shape
     low, high = np.percentile(small, [1.0, 99.5])
+    low = min(float(low), AIR_LEVEL)
     whole = (0, rows, 0, cols)
     if not np.isfinite(high - low) or high - low < 1e-3:
         return whole
