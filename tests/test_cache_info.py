@@ -37,7 +37,7 @@ def test_summary_counts_per_split(tmp_path):
     _write(path, skipped=[{"path": "b.csv", "row": 3, "reason": "outside"}])
     summary = cache_summary(path)
     assert summary["modality"] == "dbt" and summary["format_version"] == 1 and summary["config_hash"] == "abc"
-    assert (summary["image_height"], summary["image_width"]) == (8, 4)
+    assert (summary["image_height"], summary["image_width"]) == (8, 4) and summary["geometry"] == "stretch"
     assert summary["skipped"] == 1 and summary["file_size_bytes"] == path.stat().st_size
     assert summary["splits"]["train"] == {"volumes": 2, "patients": 1, "slices": 3, "lesions": 1, "boxes": 1,
                                           "slices_with_boxes": 1, "volumes_with_lesions": 1}

@@ -154,8 +154,10 @@ def _core_and_ring(image: np.ndarray, box) -> tuple[float, float]:
 
 @pytest.mark.parametrize("modality", ["dbt", "mammo"])
 def test_breast_crop_cache_keeps_shapes_and_its_boxes_lie_on_the_lesions(cropped, tiny_synth, modality):
+    from comoto_cli.preprocess.summary import cache_summary
+
     cache = SliceCache(cropped[modality])
-    assert cache.geometry == "breast-crop"
+    assert cache.geometry == "breast-crop" and cache_summary(cropped[modality])["geometry"] == "breast-crop"
     vols = cache.volumes
     # The phantoms' breasts leave air beside them: every image is cropped, shapes kept, the rest padded with 0.
     assert np.all((vols["offset_x"] > 0) | (vols["offset_y"] > 0) | (vols["content_width"] < CACHE["image_width"])

@@ -28,7 +28,8 @@ def info(
 
     unit = "volumes" if summary["modality"] == "dbt" else "images"
     console.print(f"[bold]{summary['path']}[/]: {summary['modality']} cache, format {summary['format_version']}, "
-                  f"config {summary['config_hash']}, images {summary['image_height']}x{summary['image_width']}, "
+                  f"config {summary['config_hash']}, images {summary['image_height']}x{summary['image_width']} "
+                  f"({summary['geometry']}), "
                   f"{summary['file_size_bytes'] / 2**20:.1f} MiB, {summary['skipped']} skipped input(s)")
     table = Table()
     columns = [(unit, "volumes"), ("patients", "patients"), ("slices", "slices"),

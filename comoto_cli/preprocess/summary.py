@@ -130,6 +130,7 @@ def cache_summary(path: str | Path) -> dict:
         "config_hash": str(attrs.get("config_hash", "")),
         "image_height": cache.image_height,
         "image_width": cache.image_width,
+        "geometry": cache.geometry,
         "file_size_bytes": path.stat().st_size,
         "skipped": len(cache.skipped),
         "splits": splits,
