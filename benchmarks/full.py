@@ -46,7 +46,8 @@ def _volume(root: Path, spec: VolumeSpec) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- child side
-def _child(kind: str, path: str, view: str, frames: list[int] | None, decoder: str, out: str) -> dict:
+def _child(kind: str, path: str, view: str, frames: list[int] | None, decoder: str, out: str,
+           geometry: str = "stretch") -> dict:
     """One measurement in this (fresh) process: bare decode or the preprocess worker on ``frames``."""
     import pydicom
     from pydicom.pixels import iter_pixels
@@ -66,7 +67,7 @@ def _child(kind: str, path: str, view: str, frames: list[int] | None, decoder: s
         count = sum(1 for _ in iter_pixels(path, indices=wanted, decoding_plugin=plugin))
     else:
         task = VolumeTask(0, "dbt", Path(path), view, Path("bench.csv"), 2, frames, (FRAMES, 2457, 1996), HEIGHT,
-                          WIDTH, Path(out), 4, decoder)
+                          WIDTH, Path(out), 4, decoder, geometry=geometry)
         result = process_volume(task)
         if "error" in result:
             raise SystemExit(str(result["error"]))
@@ -265,6 +266,28 @@ def lskd_loaders(cache: Path, cores: int, rounds: int) -> dict[str, list[float]]
     return rates
 
 
+def bench_geometry(root: Path, work: Path, rounds: int) -> dict:
+    """The preprocess worker with ``breast-crop`` against ``stretch`` (one more frame decoded for the breast box, the
+    thumbnail and its labelling), on the lesion training volume (1 frame kept) and on a validation volume (every
+    frame), fresh processes in turns: seconds and peak RSS, medians."""
+    spec = SPECS[0]
+    cases = {"train_lesion": [spec.lesion_slice], "val_test": None}
+    results: dict = {}
+    for name, frames in cases.items():
+        runs: dict[str, list[dict]] = {"stretch": [], "breast-crop": []}
+        for _ in range(rounds):
+            for geometry in runs:  # interleaved
+                out = work / f"geometry-{name}-{geometry}.part.h5"
+                out.unlink(missing_ok=True)
+                runs[geometry].append(_run_child("preprocess", str(_volume(root, spec)), spec.view, frames,
+                                                 "pylibjpeg", str(out), geometry))
+        results[name] = {geometry: {"seconds": statistics.median(r["seconds"] for r in values),
+                                    "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in values)}
+                         for geometry, values in runs.items()}
+        results[name]["time_ratio"] = results[name]["breast-crop"]["seconds"] / results[name]["stretch"]["seconds"]
+    return results
+
+
 def projection(pre: dict, decoders: dict, cores_list=(2, 32)) -> dict:
     """Hours for the whole BCS-DBT: per-volume seconds measured in one process, scaled by how much slower a frame
     decodes when every core decodes (measured), divided over the cores."""
@@ -334,6 +357,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("bench_data/full"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--geometry-only", action="store_true",
+                        help="only breast-crop against stretch in the preprocess worker (benchmarks/results-geometry.json)")
     args = parser.parse_args()
     if args.child is not None:
         print(json.dumps(_child(*json.loads(args.child))))
@@ -342,6 +367,11 @@ def main() -> None:
     root = write_fullsize_dataset(args.data, SPECS)
     work = args.data / "work"
     work.mkdir(exist_ok=True)
+    if args.geometry_only:
+        result = {"machine": machine(), "geometry": bench_geometry(root, work, args.rounds)}
+        Path("benchmarks/results-geometry.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result["geometry"], indent=2))
+        return
     results = {"machine": machine()}
     results["decoders"] = bench_decoders(_volume(root, SPECS[0]), args.rounds)
     results["preprocess"] = bench_preprocess(root, work, args.rounds)
