@@ -263,15 +263,14 @@ def slice_boxes(lesions, stored: list[int], mapping: dict[str, float], offset: i
     if content is not None and len(cache):
         # Only boxes that leave the image by more than rounding are cut: a box on the image border stays as it
         # was computed (its far edge can be 1e-13 beyond the cache size).
-        clipped, inside = clip_boxes(cache, *content)
+        clipped = clip_boxes(cache, *content)
         changed = np.any(np.abs(clipped - cache) > 1e-6, axis=1)
         cut = int(np.count_nonzero(changed))
         # A lesion mostly outside the kept region is not a training target: a sliver of it would teach the edge.
         area = (cache[:, 2] - cache[:, 0]) * (cache[:, 3] - cache[:, 1])
         kept = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
-        inside &= kept >= MIN_KEPT_FRACTION * area
+        inside = ~changed | (kept >= MIN_KEPT_FRACTION * area)
         cache = np.where(changed[:, None], clipped, cache)
-        inside |= ~changed
     boxes, ids = [], []
     for index in stored:
         chosen = np.arange(len(centres)) if modality == "mammo" else np.flatnonzero(np.abs(centres - index) <= offset)

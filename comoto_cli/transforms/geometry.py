@@ -43,13 +43,10 @@ def cache_to_official(boxes_xyxy: np.ndarray, scale_y: float, scale_x: float, of
     return xyxy_to_xywh(boxes / np.array([scale_x, scale_y, scale_x, scale_y]) + offset)
 
 
-def clip_boxes(boxes_xyxy: np.ndarray, height: float, width: float) -> tuple[np.ndarray, np.ndarray]:
-    """Boxes cut to ``[0, width] x [0, height]`` and a mask of those left with an area (a box wholly outside
-    has none)."""
+def clip_boxes(boxes_xyxy: np.ndarray, height: float, width: float) -> np.ndarray:
+    """Boxes cut to ``[0, width] x [0, height]`` (a box wholly outside becomes one of no area)."""
     boxes = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
-    clipped = np.clip(boxes, 0.0, np.array([width, height, width, height], dtype=np.float64))
-    kept = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
-    return clipped, kept
+    return np.clip(boxes, 0.0, np.array([width, height, width, height], dtype=np.float64))
 
 
 def hflip_boxes(boxes_xyxy: np.ndarray, width: int) -> np.ndarray:
