@@ -186,72 +186,86 @@ def bench_predict(root: Path, work: Path) -> dict:
 GPU_STEP_SECONDS, GPU_STEP_BATCH = 0.25, 8
 
 
-def bench_loader(work: Path, rounds: int) -> dict:
-    """Training loader (cache read, gzip, augmentation, collation) at 2048 x 1024, batch 8, with no worker and
-    with one worker per core, against what a GPU step consumes."""
+def _loader_cache(work: Path, compression_level: int) -> Path:
+    """Three copies of the validation/test volume's 64 slices as training slices, at ``compression_level`` (4: the
+    default gzip; 0: stored uncompressed)."""
     import h5py
 
     from comoto_cli.cache.h5cache import CacheWriter, StoredSlices, VolumeRecord
+
+    cache = work / ("loader.h5" if compression_level == 4 else f"loader-level{compression_level}.h5")
+    if cache.is_file():
+        return cache
+    with h5py.File(work / "val_test.part.h5", "r") as part:
+        images = StoredSlices(part["images"]) if compression_level == 4 else part["images"][()]
+        writer = CacheWriter(cache, modality="dbt", image_height=HEIGHT, image_width=WIDTH, config_json="{}",
+                             config_hash="bench", compression_level=compression_level)
+        for volume in range(3):
+            record = VolumeRecord(patient_id=f"P{volume}", study_uid="S", view="lcc", split="train", source="-",
+                                  num_slices=FRAMES, original_height=2457, original_width=1996,
+                                  scale_y=HEIGHT / 2457, scale_x=WIDTH / 1996,
+                                  lesions=[(30, 600.0, 1100.0, 120.0, 120.0)], lesion_classes=["cancer"])
+            boxes = [np.array([[500, 900, 600, 1000]], np.float32)] * FRAMES
+            writer.add_volume(record, list(range(FRAMES)), images, boxes, [np.array([0])] * FRAMES)
+        writer.close()
+    return cache
+
+
+def bench_loader(work: Path, rounds: int) -> dict:
+    """Training loader (cache read, inflate, augmentation, collation) at 2048 x 1024, batch 8, with no worker and
+    with one worker per core, against what a GPU step consumes; the default gzip cache and an uncompressed one."""
     from comoto_cli.config import AugmentConfig
     from comoto_cli.data.datasets import DetectionDataset, make_loader, make_sampler
     from comoto_cli.utils.system import usable_cores
 
-    cache = work / "loader.h5"
-    if not cache.is_file():
-        with h5py.File(work / "val_test.part.h5", "r") as part:
-            writer = CacheWriter(cache, modality="dbt", image_height=HEIGHT, image_width=WIDTH, config_json="{}",
-                                 config_hash="bench")
-            for volume in range(3):
-                record = VolumeRecord(patient_id=f"P{volume}", study_uid="S", view="lcc", split="train", source="-",
-                                      num_slices=FRAMES, original_height=2457, original_width=1996,
-                                      scale_y=HEIGHT / 2457, scale_x=WIDTH / 1996,
-                                      lesions=[(30, 600.0, 1100.0, 120.0, 120.0)], lesion_classes=["cancer"])
-                boxes = [np.array([[500, 900, 600, 1000]], np.float32)] * FRAMES
-                writer.add_volume(record, list(range(FRAMES)), StoredSlices(part["images"]), boxes,
-                                  [np.array([0])] * FRAMES)
-            writer.close()
+    caches = {4: _loader_cache(work, 4), 0: _loader_cache(work, 0)}
     cores = usable_cores()
-    # (workers, augmentation on the device): with on_device the loader leaves the pixels to the GPU, whose share of
-    # the work is not measured here (no GPU on the bench machine).
-    variants = [(0, False), (cores, False), (cores, True)]
-    rates: dict[tuple[int, bool], list[float]] = {variant: [] for variant in variants}
+    # (workers, augmentation on the device, compression level): with on_device the loader leaves the pixels to the
+    # GPU, whose share of the work is not measured here (no GPU on the bench machine).
+    variants = [(0, False, 4), (cores, False, 4), (cores, True, 4), (cores, True, 0)]
+    rates: dict[tuple, list[float]] = {variant: [] for variant in variants}
     for _ in range(rounds):
-        for workers, on_device in variants:  # interleaved
-            dataset = DetectionDataset(cache, "train", augment=AugmentConfig(on_device=on_device), seed=0)
+        for workers, on_device, level in variants:  # interleaved
+            dataset = DetectionDataset(caches[level], "train", augment=AugmentConfig(on_device=on_device), seed=0)
             loader = make_loader(dataset, batch_size=8, sampler=make_sampler(dataset, seed=0), num_workers=workers)
             batches = iter(loader)
             next(batches)  # worker start-up and first reads are not the steady state
             started, count = time.perf_counter(), 0
             for batch in batches:
                 count += len(batch["rows"])
-            rates[(workers, on_device)].append(count / (time.perf_counter() - started))
+            rates[(workers, on_device, level)].append(count / (time.perf_counter() - started))
     gpu_needs = GPU_STEP_BATCH / GPU_STEP_SECONDS
-    best = statistics.median(rates[(cores, False)])
-    device = statistics.median(rates[(cores, True)])
-    lskd = {name: statistics.median(values) for name, values in lskd_loaders(cache, cores, rounds).items()}
-    return {"slices_per_s_main_process": statistics.median(rates[(0, False)]), "workers": cores,
+    best = statistics.median(rates[(cores, False, 4)])
+    device = statistics.median(rates[(cores, True, 4)])
+    raw = statistics.median(rates[(cores, True, 0)])
+    lskd = {name: statistics.median(values) for name, values in lskd_loaders(caches, cores, rounds).items()}
+    return {"slices_per_s_main_process": statistics.median(rates[(0, False, 4)]), "workers": cores,
             "slices_per_s_workers": best, "slices_per_s_per_worker": best / cores,
             "gpu_step_consumes_slices_per_s": gpu_needs, "over_gpu_step": best / gpu_needs,
             "over_gpu_step_lskd": best / (2 * gpu_needs),
             "slices_per_s_workers_augment_on_device": device, "over_gpu_step_augment_on_device": device / gpu_needs,
+            "slices_per_s_workers_augment_on_device_uncompressed": raw,
+            "over_gpu_step_augment_on_device_uncompressed": raw / gpu_needs,
+            "cache_bytes_per_slice": {str(level): path.stat().st_size / (3 * FRAMES) for level, path in caches.items()},
             "lskd_slices_per_s": lskd, "lskd_over_gpu_step": {k: v / (2 * gpu_needs) for k, v in lskd.items()}}
 
 
-def lskd_loaders(cache: Path, cores: int, rounds: int) -> dict[str, list[float]]:
+def lskd_loaders(caches: dict[int, Path], cores: int, rounds: int) -> dict[str, list[float]]:
     """The two loaders of an LsKD step as distill runs them: the augmented DBT batches and the unaugmented teacher
     batches, each with half the workers, drawn in turns; slices of both per second. Variants: everything in float32
-    with augmentation in the loader (as before ``augment.on_device``), and the GPU defaults (augmentation on the
-    device, both loaders passing the stored float16)."""
+    with augmentation in the loader (as before ``augment.on_device``), the GPU defaults (augmentation on the device,
+    both loaders passing the stored float16), and the GPU defaults over uncompressed caches."""
     from comoto_cli.config import AugmentConfig
     from comoto_cli.data.datasets import DetectionDataset, infinite_batches
 
-    variants = {"loader_float32": (False, False), "gpu_defaults_float16": (True, True)}
+    variants = {"loader_float32": (False, False, 4), "gpu_defaults_float16": (True, True, 4),
+                "gpu_defaults_float16_uncompressed": (True, True, 0)}
     rates: dict[str, list[float]] = {name: [] for name in variants}
     workers = max(1, cores // 2)
     for _ in range(rounds):
-        for name, (on_device, stored) in variants.items():  # interleaved
-            student = DetectionDataset(cache, "train", augment=AugmentConfig(on_device=on_device), seed=0)
-            teacher = DetectionDataset(cache, "train", seed=1, stored_precision=stored)
+        for name, (on_device, stored, level) in variants.items():  # interleaved
+            student = DetectionDataset(caches[level], "train", augment=AugmentConfig(on_device=on_device), seed=0)
+            teacher = DetectionDataset(caches[level], "train", seed=1, stored_precision=stored)
             batches = [infinite_batches(student, batch_size=8, seed=0, num_workers=workers),
                        infinite_batches(teacher, batch_size=8, seed=1, num_workers=workers)]
             for stream in batches:
@@ -303,6 +317,7 @@ def projection(pre: dict, decoders: dict, cores_list=(2, 32)) -> dict:
 def _markdown(results: dict) -> str:
     m, d, p, q, pr, ld = (results[k] for k in ("machine", "decoders", "preprocess", "predict", "projection",
                                                "loader"))
+    loader_date = f" (measured {results['loader_machine']['date']})" if "loader_machine" in results else ""
     lines = [
         f"Full-size benchmark, {m['date']}: {m['cpu']}, {m['cores']} cores, torch {m['torch']}. Volumes: {FRAMES} x "
         "2457 x 1996, 12 bits, JPEG 2000 lossless; cache 2048 x 1024.",
@@ -331,7 +346,8 @@ def _markdown(results: dict) -> str:
         f"{q['seconds_per_slice']:.1f} s/slice ({q['slices_measured']} slices measured; "
         f"{q['seconds_per_64_slice_volume'] / 60:.0f} min for a {FRAMES}-slice volume), peak RSS "
         f"{q['peak_rss_mib']:.0f} MiB (independent of the slice count: frames stream).",
-        f"- Training loader at 2048 x 1024, batch 8 with augmentation: {ld['slices_per_s_main_process']:.0f} slices/s "
+        f"- Training loader at 2048 x 1024{loader_date}, batch 8 with augmentation: "
+        f"{ld['slices_per_s_main_process']:.0f} slices/s "
         f"in the main process, {ld['slices_per_s_workers']:.0f} with {ld['workers']} workers "
         f"({ld['slices_per_s_per_worker']:.0f} per worker); a GPU step (batch 8 in {GPU_STEP_SECONDS} s) consumes "
         f"{ld['gpu_step_consumes_slices_per_s']:.0f}, LsKD twice that: {ld['over_gpu_step']:.1f}x and "
@@ -340,6 +356,10 @@ def _markdown(results: dict) -> str:
            f"{ld['slices_per_s_workers_augment_on_device']:.0f} slices/s with {ld['workers']} workers, "
            f"{ld['over_gpu_step_augment_on_device']:.1f}x a GPU step." if "slices_per_s_workers_augment_on_device"
            in ld else "")
+        + (f" From an uncompressed cache (`compression_level: 0`, "
+           f"{ld['cache_bytes_per_slice']['0'] / ld['cache_bytes_per_slice']['4']:.1f}x the bytes): "
+           f"{ld['slices_per_s_workers_augment_on_device_uncompressed']:.0f} slices/s, "
+           f"{ld['over_gpu_step_augment_on_device_uncompressed']:.1f}x." if "cache_bytes_per_slice" in ld else "")
         + (" LsKD's two loaders together (student and teacher batches in turns, half the workers each): "
            + ", ".join(f"{name.replace('_', ' ')} {rate:.0f} slices/s ({ld['lskd_over_gpu_step'][name]:.1f}x the "
                        "two batches of an LsKD step)" for name, rate in ld["lskd_slices_per_s"].items()) + "."
@@ -357,6 +377,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("bench_data/full"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--loader-only", action="store_true",
+                        help="only the training loader; its section of an existing results file is replaced")
     parser.add_argument("--geometry-only", action="store_true",
                         help="only breast-crop against stretch in the preprocess worker (benchmarks/results-geometry.json)")
     args = parser.parse_args()
@@ -371,6 +393,14 @@ def main() -> None:
         result = {"machine": machine(), "geometry": bench_geometry(root, work, args.rounds)}
         Path("benchmarks/results-geometry.json").write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result["geometry"], indent=2))
+        return
+    if args.loader_only:
+        results = json.loads(args.out.read_text())
+        results["loader"] = bench_loader(work, args.rounds)
+        results["loader_machine"] = machine()
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        args.out.with_suffix(".md").write_text(_markdown(results))
+        print(_markdown(results))
         return
     results = {"machine": machine()}
     results["decoders"] = bench_decoders(_volume(root, SPECS[0]), args.rounds)

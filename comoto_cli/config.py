@@ -146,7 +146,9 @@ class PreprocessConfig(StrictModel):
     workers: int = Field(0, ge=0, description="worker processes; 0 = as many as the cores and the free memory allow")
     decoder: Literal["auto", "pylibjpeg", "gdcm", "pillow"] = Field(
         "auto", description="JPEG 2000 decoder (auto: pylibjpeg-openjpeg, the most frames per core; others: GDCM)")
-    compression_level: int = Field(4, ge=0, le=9, description="gzip level of the cache's image chunks")
+    compression_level: int = Field(
+        4, ge=0, le=9, description="gzip level of the cache's image chunks; 0: stored uncompressed, about twice the "
+        "disk of level 4 and the fastest to read (the training loader at full size)")
     # Explicit CSV paths; when absent they are found in ROOT by their columns. BCS-DBT's take one path (no split
     # of its own) or one path per split: {"train": P, "validation": P, "test": P} or ["train=P", ...].
     file_paths_csv: Path | dict[Literal["train", "val", "test"], Path] | None = Field(
@@ -529,6 +531,9 @@ class ExperimentConfig(StrictModel):
         ["none", "pretrain"], description="every other method is compared with each of these (those among methods): "
         "paired difference over seeds with a paired patient-bootstrap interval")
     paired_bootstrap: int = Field(1000, ge=0, description="paired patient-bootstrap resamples per comparison")
+    power_goal: float = Field(
+        0.025, gt=0.0, lt=1.0, description="paired half-width wanted: each comparison also reports the test patients "
+        "that would reach it, its half-width scaled as 1/sqrt(test patients)")
     inference: InferenceConfig = Field(
         InferenceConfig(), description="volume inference of every student's validation and test evaluation (edge "
         "slices, volume NMS); batch size and workers come from student")

@@ -69,7 +69,7 @@ def seed_interval(values: list[float]) -> tuple[float, float, float]:
     mean = float(data.mean())
     if len(data) < 2:
         return mean, mean, mean
-    half = _T95.get(len(data) - 1, 1.96) * float(data.std(ddof=1)) / math.sqrt(len(data))
+    half = seed_half_width(data)
     return mean, max(0.0, mean - half), min(1.0, mean + half)
 
 
@@ -273,6 +273,7 @@ def paired_comparisons(config: ExperimentConfig, dbt_cache: Path) -> list[dict]:
     finally:
         cache.close()
     baselines = [b for b in config.paired_baselines if b in config.methods]
+    patients = len(np.unique(truth[1]["PatientID"].astype(str)))
     rows = []
     for ratio in config.train_ratios:
         tables = {m: _run_tables(config, m, ratio, config.seeds, truth) for m in config.methods}
@@ -286,8 +287,28 @@ def paired_comparisons(config: ExperimentConfig, dbt_cache: Path) -> list[dict]:
                              "difference": result.mean, "ci95_low": result.low, "ci95_high": result.high,
                              "half_width": result.half_width, "resolved": result.resolved,
                              "per_seed": " / ".join(f"{d:+.3f}" for d in result.per_seed),
+                             "seed_half_width": seed_half_width(result.per_seed), "test_patients": patients,
+                             "patients_for_goal": patients_for_half_width(result.half_width, patients,
+                                                                          config.power_goal),
                              "resamples": result.resamples})
     return rows
+
+
+def seed_half_width(values) -> float:
+    """Half-width of the 95 % t-interval over seeds of the per-seed differences: the training-randomness spread the
+    patient bootstrap (the seeds averaged) does not show; nan with one seed."""
+    data = np.asarray(values, dtype=np.float64)
+    if len(data) < 2:
+        return float("nan")
+    return _T95.get(len(data) - 1, 1.96) * float(data.std(ddof=1)) / math.sqrt(len(data))
+
+
+def patients_for_half_width(half_width: float, patients: int, goal: float) -> int | None:
+    """Test patients at which a paired patient-bootstrap half-width measured on ``patients`` would shrink to
+    ``goal``, as a standard error does, with 1/sqrt(patients); None when it was not measured."""
+    if not math.isfinite(half_width) or patients <= 0:
+        return None
+    return max(1, math.ceil(patients * (half_width / goal) ** 2))
 
 
 def _paired_markdown(rows: list[dict], config: ExperimentConfig) -> str:
@@ -297,14 +318,20 @@ def _paired_markdown(rows: list[dict], config: ExperimentConfig) -> str:
         "", f"Paired differences in mean sensitivity ({config.split} split): method minus baseline, the mean over "
         f"{len(config.seeds)} seed(s) of the seed-paired difference, with a 95 % paired patient-bootstrap interval "
         f"({config.paired_bootstrap} resamples, each scoring both methods on the same patients). Resolved: the "
-        "interval excludes 0.", "",
-        "| train ratio | method | minus | difference | 95 % CI (paired) | half-width | resolved | per seed |",
-        "|---|---|---|---|---|---|---|---|",
+        f"interval excludes 0. Power: the test has {rows[0]['test_patients']} patients; 'patients for "
+        f"+-{config.power_goal:g}' scales the half-width as 1/sqrt(patients) (a projection, same seeds); 'seed "
+        "half-width' is the 95 % t-interval of the per-seed differences, the training randomness the bootstrap does "
+        "not hold.", "",
+        f"| train ratio | method | minus | difference | 95 % CI (paired) | half-width | resolved | per seed | "
+        f"seed half-width | patients for +-{config.power_goal:g} |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
+        needed = row.get("patients_for_goal")
         lines.append(f"| {row['train_ratio']:g} | {row['label']} | {row['baseline_label']} | {row['difference']:+.3f} | "
                      f"{row['ci95_low']:+.3f} to {row['ci95_high']:+.3f} | {row['half_width']:.3f} | "
-                     f"{'yes' if row['resolved'] else 'no'} | {row['per_seed']} |")
+                     f"{'yes' if row['resolved'] else 'no'} | {row['per_seed']} | {row['seed_half_width']:.3f} | "
+                     f"{'-' if needed is None else needed} |")
     return "\n".join(lines) + "\n"
 
 

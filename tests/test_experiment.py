@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import pytest
 
+from comoto_cli.cache import SliceCache
 from comoto_cli.cli import main
 from comoto_cli.config import ExperimentConfig
 from comoto_cli.errors import UsageError
-from comoto_cli.experiment import evaluation_config, method_label, seed_interval
+from comoto_cli.experiment import evaluation_config, method_label, patients_for_half_width, seed_half_width, seed_interval
 from tests.conftest import TINY_CACHE_SIZE, TINY_TRAIN
 
 
@@ -19,6 +21,16 @@ def test_seed_interval():
     assert mean == pytest.approx(0.6) and low < 0.6 < high
     assert seed_interval([0.4]) == (0.4, 0.4, 0.4)
     assert seed_interval([0.0, 1.0]) == (0.5, 0.0, 1.0)  # clipped to the range of a sensitivity
+    assert seed_half_width([0.1, 0.3]) == pytest.approx(12.706 * math.sqrt(0.02) / math.sqrt(2))
+    assert math.isnan(seed_half_width([0.2]))
+
+
+def test_patients_for_a_half_width_scale_as_a_standard_error():
+    assert patients_for_half_width(0.025, 40, 0.025) == 40
+    assert patients_for_half_width(0.05, 40, 0.025) == 160  # half the width: four times the patients
+    assert patients_for_half_width(0.0125, 40, 0.025) == 10
+    assert patients_for_half_width(0.1, 7, 0.025) == 112
+    assert patients_for_half_width(float("nan"), 40, 0.025) is None
 
 
 @pytest.mark.trained
@@ -64,6 +76,11 @@ def test_miniature_experiment(tmp_path, tiny_synth, capsys):
     by_method = {row["method"]: float(row["mean_sensitivity_positive"]) for row in rows}
     assert float(paired["difference"]) == pytest.approx(by_method["lesion+impa"] - by_method["none"], abs=1e-9)
     assert float(paired["ci95_low"]) <= float(paired["difference"]) <= float(paired["ci95_high"])
+    cache = SliceCache(out / "dbt.h5")
+    patients = int(paired["test_patients"])
+    assert patients == len(set(cache.volumes["patient_id"][cache.volumes_in_split("test")])) > 0
+    if paired["patients_for_goal"]:  # empty when no resample held a lesion (nan half-width)
+        assert int(paired["patients_for_goal"]) == patients_for_half_width(float(paired["half_width"]), patients, 0.025)
     assert (out / "paired.png").stat().st_size > 0 and "Paired differences" in (out / "results.md").read_text()
     # Rerun: every run is finished, nothing is trained again.
     stamp = (out / "students" / "none_r1_s0" / "best.pt").stat().st_mtime_ns

@@ -12,14 +12,13 @@ same data as an uninterrupted one.
 
 from __future__ import annotations
 
-import copy
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from comoto_cli.cache import SliceCache
 from comoto_cli.config import AugmentConfig
@@ -128,8 +127,7 @@ class DetectionDataset(Dataset):
         """In a DataLoader worker: forget an HDF5 handle inherited through ``fork`` (the main process may have
         opened the shared cache, e.g. for validation) so this process opens its own. The inherited one is not
         closed: closing it here could disturb the parent's."""
-        self.cache = copy.copy(self.cache)
-        self.cache._file = None
+        self.cache = self.cache.detached()
 
     def num_with_lesions(self) -> int:
         return int(np.count_nonzero(self.cache.box_count[self.rows] > 0))
@@ -163,7 +161,8 @@ def collate_detection(samples: list[dict]) -> dict:
     """List of samples -> ``{"images": (B, 1, H, W), "targets": [{"boxes", "labels"}], "rows": (B,)}``, plus
     ``"augment"`` (B, 4) when the samples' pixels are to be augmented on the device."""
     batch = {
-        "images": torch.stack([s["image"] for s in samples]),
+        # default_collate stacks straight into shared memory inside a loader worker: one copy of the pixels fewer
+        "images": default_collate([s["image"] for s in samples]),
         "targets": [{"boxes": s["boxes"], "labels": s["labels"]} for s in samples],
         "rows": torch.tensor([s["row"] for s in samples], dtype=torch.int64),
     }

@@ -13,7 +13,6 @@ at once. On the CPU a batch is also capped in pixels (:func:`forward_batch_size`
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Protocol
 
 import numpy as np
@@ -241,8 +240,7 @@ def _own_handle(_worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: a handle inherited through ``fork`` stays the parent's; this worker opens
     its own on first read."""
     dataset = torch.utils.data.get_worker_info().dataset
-    dataset.cache = copy.copy(dataset.cache)
-    dataset.cache._file = None
+    dataset.cache = dataset.cache.detached()
 
 
 class _SliceStream:
