@@ -235,3 +235,17 @@ def test_torchscript_extra_file_name(exports):
     files = {f"{METADATA_KEY}.json": ""}
     torch.jit.load(str(exports["torchscript"]), _extra_files=files)
     assert json.loads(files[f"{METADATA_KEY}.json"])["format"] == "comoto-export"
+
+
+def test_metadata_names_the_checkpoints_geometry(checkpoint, tmp_path):
+    """A detector trained on a breast-crop cache says so in its export: a deployment must frame images that way."""
+    payload = torch.load(checkpoint, weights_only=True)
+    cropped = tmp_path / "cropped.pt"
+    save_checkpoint(cropped, model_state=payload["model_state"], model_config=tiny_model_config(),
+                    image_size=IMAGE_SIZE, metadata={"epoch": 1}, geometry="breast-crop")
+    for path, geometry in ((checkpoint, "stretch"), (cropped, "breast-crop")):
+        out = tmp_path / f"{geometry}.pt"
+        assert _exit_code(["export", str(path), "--out", str(out)]) == 0
+        metadata = read_metadata(out)
+        assert metadata["input"]["geometry"] == geometry
+        assert metadata["input"]["geometry_meaning"]

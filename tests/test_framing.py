@@ -242,6 +242,20 @@ def test_evaluate_refuses_a_checkpoint_of_another_geometry(cropped, tiny_teacher
     assert not (tmp_path / "eval").exists()
 
 
+def test_distill_refuses_a_teacher_of_another_geometry(cropped, tiny_teacher, tmp_path, capsys):
+    """LsKD samples the teacher's features at lesion points of its cache: a teacher trained on stretched images
+    would see cropped ones there."""
+    from comoto_cli.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["distill", "--cache", str(cropped["dbt"]), "--teacher", str(tiny_teacher), "--teacher-cache",
+              str(cropped["mammo"]), "--mode", "lesion", "--out", str(tmp_path / "student")])
+    assert exit_info.value.code != 0
+    error = capsys.readouterr().err.strip()
+    assert "geometry 'stretch'" in error and "'breast-crop'" in error and len(error.splitlines()) == 1
+    assert not (tmp_path / "student").exists()
+
+
 def test_csv_boxes_are_unchanged_by_the_crop(cropped, tiny_synth):
     """The cache's lesions stay in the official frame at full resolution whatever the framing (evaluation scores
     against them)."""

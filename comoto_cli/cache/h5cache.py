@@ -21,7 +21,8 @@ Layout (format version 1; the README's "Cache layout" section and docs/design.md
     ``volume`` (row in /volumes), ``slice`` (central slice; 0 for mammograms), ``x``, ``y``, ``width``,
     ``height`` (float64), ``class`` (str).
 ``/slices/*``: one row per stored 2-D image (N rows)
-    ``images`` (N, H, W) float16 in [0, 1], one gzip chunk per slice; ``volume``, ``slice_index`` (int);
+    ``images`` (N, H, W) float16 in [0, 1], one chunk per slice (gzip after a byte shuffle; raw at
+    compression level 0); ``volume``, ``slice_index`` (int);
     ``box_start``, ``box_count`` (int) index ``boxes`` (M, 4) float32 xyxy in the cache frame and
     ``box_lesion`` (M,) int (row in /lesions).
     Training volumes store their training samples (lesion centre slices, optional neighbours, a few normal
