@@ -142,6 +142,10 @@ class PreprocessConfig(StrictModel):
     normal_slices_per_volume: int = Field(
         2, ge=0, description="DBT training slices drawn (seeded) from each lesion-free training volume"
     )
+    context_slices: int = Field(
+        0, ge=0, le=4, description="DBT training volumes also store this many slices on each side of every training "
+        "slice (clamped at the volume's ends), as the neighbour channels of a 2.5-D student (model.input_slices); "
+        "they are not training samples themselves. Validation and test volumes store every slice anyway")
     on_error: OnError = Field("fail", description="fail: stop at the first bad input; skip: list and go on")
     workers: int = Field(0, ge=0, description="worker processes; 0 = as many as the cores and the free memory allow")
     decoder: Literal["auto", "pylibjpeg", "gdcm", "pillow"] = Field(
@@ -204,8 +208,9 @@ class PreprocessConfig(StrictModel):
 
     @model_serializer(mode="wrap")
     def _without_default_dataset(self, handler):
-        """``dataset``, ``inputs`` and ``geometry`` at their defaults are left out of the dump, so the canonical JSON
-        (the config hash, and the stored config, of every cache made before they existed) stays what it was."""
+        """``dataset``, ``inputs``, ``geometry`` and ``context_slices`` at their defaults are left out of the dump,
+        so the canonical JSON (the config hash, and the stored config, of every cache made before they existed)
+        stays what it was."""
         data = handler(self)
         if self.dataset is None:
             data.pop("dataset", None)
@@ -213,6 +218,8 @@ class PreprocessConfig(StrictModel):
             data.pop("geometry", None)
         if not self.inputs:
             data.pop("inputs", None)
+        if self.context_slices == 0:
+            data.pop("context_slices", None)
         return data
 
 
@@ -286,6 +293,10 @@ class ModelConfig(StrictModel):
         "unit", description="network input: unit, the grey image in [0, 1] on one channel; imagenet, as the "
         "reference feeds torchvision: three equal channels scaled to 0-255 and normalised by ImageNet's mean and "
         "std (conv1 then takes 3 channels, so ImageNet weights load unchanged)")
+    input_slices: int = Field(
+        1, ge=1, le=9, description="DBT slices per input: 1, the slice alone (2-D); 3, 5 ...: the slice and its "
+        "neighbours as channels (2.5-D; the training cache needs preprocess.context_slices >= (input_slices - 1) / 2). "
+        "A one-channel image (a mammogram: the teacher's batches) is given to every channel")
     distill_feature: str = Field(
         "backbone",
         description="feature map for ImPA / distillation: 'backbone' (last ResNet stage, as the reference) or an FPN "
@@ -319,6 +330,22 @@ class ModelConfig(StrictModel):
             if preset is not None:  # an unknown name is reported by the field's own validation
                 data = {**preset, **data}
         return data
+
+    @model_serializer(mode="wrap")
+    def _without_single_slice(self, handler):
+        """``input_slices`` 1 is left out of the dump: checkpoints and run configs from before it read the same."""
+        data = handler(self)
+        if self.input_slices == 1:
+            data.pop("input_slices", None)
+        return data
+
+    @model_validator(mode="after")
+    def _odd_input_slices(self) -> ModelConfig:
+        if self.input_slices % 2 == 0:
+            raise ValueError("model.input_slices must be odd: the slice in the middle, as many neighbours each side")
+        if self.input_norm == "imagenet" and self.input_slices not in (1, 3):
+            raise ValueError("model.input_norm imagenet normalises three channels: input_slices must be 1 or 3")
+        return self
 
     @model_validator(mode="after")
     def _one_level_without_fpn(self) -> ModelConfig:

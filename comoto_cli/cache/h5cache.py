@@ -24,7 +24,9 @@ Layout (format version 1; the README's "Cache layout" section and docs/design.md
     ``images`` (N, H, W) float16 in [0, 1], one chunk per slice (gzip after a byte shuffle; raw at
     compression level 0); ``volume``, ``slice_index`` (int);
     ``box_start``, ``box_count`` (int) index ``boxes`` (M, 4) float32 xyxy in the cache frame and
-    ``box_lesion`` (M,) int (row in /lesions).
+    ``box_lesion`` (M,) int (row in /lesions); ``context`` (N,) bool, only in caches that store context slices
+    (``preprocess.context_slices``): a slice stored as the neighbour of a training slice for 2.5-D input, not a
+    training sample itself (it has no boxes).
     Training volumes store their training samples (lesion centre slices, optional neighbours, a few normal
     slices); val/test volumes store **all** their slices, contiguous and in order (volume inference).
 """
@@ -157,14 +159,15 @@ class CacheWriter:
         self._num_boxes = 0
         self._num_lesions = 0
         self._slice_ranges: list[tuple[int, int]] = []
+        self._context: list[bool] = []
 
     def add_volume(self, record: VolumeRecord, slice_indices: list[int],
                    images: np.ndarray | h5py.Dataset | StoredSlices, slice_boxes: list[np.ndarray],
-                   slice_box_lesions: list[np.ndarray]) -> int:
+                   slice_box_lesions: list[np.ndarray], context: list[bool] | None = None) -> int:
         """Add one volume: ``images`` (k, H, W) in [0, 1] for ``slice_indices`` (an array, or stored slices of a
         dataset made by :func:`create_image_dataset`, whose chunks are copied as they are); per slice its
-        cache-frame xyxy boxes and, for each box, the index of the lesion in ``record.lesions`` it comes from.
-        Returns its row."""
+        cache-frame xyxy boxes and, for each box, the index of the lesion in ``record.lesions`` it comes from;
+        ``context`` flags the slices stored only as 2.5-D neighbours. Returns its row."""
         if isinstance(images, h5py.Dataset):
             images = StoredSlices(images)
         if images.ndim != 3 or images.shape[1:] != (self.height, self.width) or len(images) != len(slice_indices):
@@ -187,6 +190,10 @@ class CacheWriter:
             self._boxes.append(boxes)
             self._box_lesion.append(np.asarray(lesion_ids, dtype=np.int64).reshape(-1) + self._num_lesions)
             self._num_boxes += len(boxes)
+        flags = [False] * len(slice_indices) if context is None else [bool(c) for c in context]
+        if len(flags) != len(slice_indices):
+            raise ValueError(f"{len(flags)} context flags for {len(slice_indices)} slices")
+        self._context.extend(flags)
         self._num_lesions += len(record.lesions)
         self._volumes.append(record)
         self._slice_ranges.append((start, len(slice_indices)))
@@ -239,6 +246,8 @@ class CacheWriter:
         slices.create_dataset("boxes", data=boxes.reshape(-1, 4).astype(np.float32))
         box_lesion = np.concatenate(self._box_lesion) if self._box_lesion else np.zeros((0,), np.int64)
         slices.create_dataset("box_lesion", data=box_lesion.astype(np.int64))
+        if any(self._context):  # absent otherwise: caches without context read (and hash) as before
+            slices.create_dataset("context", data=np.asarray(self._context, dtype=bool))
         self.file.close()
         self.file = None
 
@@ -336,6 +345,9 @@ class SliceCache:
                 self.box_count = handle["slices/box_count"][()]
                 self.all_boxes = handle["slices/boxes"][()]
                 self.box_lesion = handle["slices/box_lesion"][()]
+                context = handle["slices"].get("context")
+                self.slice_context = (context[()].astype(bool) if context is not None
+                                      else np.zeros(len(self.slice_volume), dtype=bool))
         except FileNotFoundError:
             raise InputDataError("cache file not found", path=self.path) from None
         except (OSError, KeyError) as exc:
@@ -389,8 +401,38 @@ class SliceCache:
         return np.flatnonzero(self.volumes["split"] == split)
 
     def slices_in_split(self, split: str) -> np.ndarray:
-        """Rows of /slices whose volume belongs to ``split``."""
-        return np.flatnonzero(self.volumes["split"][self.slice_volume] == split)
+        """Rows of /slices whose volume belongs to ``split``, without the context slices (not samples)."""
+        return np.flatnonzero((self.volumes["split"][self.slice_volume] == split) & ~self.slice_context)
+
+    @property
+    def context_slices(self) -> int:
+        """``preprocess.context_slices`` of this cache (0 before it existed)."""
+        return int(self.preprocess_config().get("context_slices", 0))
+
+    def window_rows(self, rows: np.ndarray, radius: int) -> np.ndarray:
+        """(n, 2 * radius + 1) rows of /slices: each row's slice and its neighbours at offsets -radius..radius
+        in its volume, clamped at the volume's first and last slice (as volume inference pads). Raises
+        :class:`InputDataError` naming the first slice whose neighbour the cache does not store."""
+        rows = np.asarray(rows, dtype=np.int64)
+        key = self.slice_volume * (2**32) + self.slice_index
+        order = np.argsort(key, kind="stable")
+        sorted_keys = key[order]
+        offsets = np.arange(-radius, radius + 1)
+        wanted = self.slice_index[rows][:, None] + offsets[None, :]
+        last = self.volumes["num_slices"][self.slice_volume[rows]][:, None] - 1
+        wanted = np.clip(wanted, 0, np.maximum(last, 0))
+        wanted_keys = self.slice_volume[rows][:, None] * (2**32) + wanted
+        found = np.clip(np.searchsorted(sorted_keys, wanted_keys), 0, len(sorted_keys) - 1)
+        present = sorted_keys[found] == wanted_keys
+        if not present.all():
+            bad_row, bad_offset = np.argwhere(~present)[0]
+            volume = int(self.slice_volume[rows[bad_row]])
+            raise InputDataError(
+                f"slice {int(self.slice_index[rows[bad_row]])} of volume {self.volumes['patient_id'][volume]}/"
+                f"{self.volumes['view'][volume]} has no stored neighbour {int(wanted[bad_row, bad_offset])}: "
+                f"{2 * radius + 1} input slices need preprocess.context_slices >= {radius} (this cache: "
+                f"{self.context_slices})", path=self.path)
+        return order[found]
 
     def image(self, row: int) -> np.ndarray:
         return self._read(row).astype(np.float32)

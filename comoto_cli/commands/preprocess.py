@@ -121,6 +121,9 @@ def dbt(
         None, "--lesion-slice-offset", help="Training slices: lesion centre +- this many neighbours."),
     normal_slices: int | None = typer.Option(
         None, "--normal-slices", help="Training slices drawn from each normal training volume."),
+    context_slices: int | None = typer.Option(
+        None, "--context-slices", help="Training volumes also store this many neighbours each side of every "
+        "training slice, for 2.5-D students (model.input_slices)."),
     workers: int | None = typer.Option(None, "--workers", "-j", help=_WORKERS_HELP),
     decoder: str | None = typer.Option(None, "--decoder", help=_DECODER_HELP),
     on_error: str | None = typer.Option(None, "--on-error", help="fail (default) or skip bad inputs."),
@@ -139,8 +142,8 @@ def dbt(
     _run("dbt", root, out, config, not no_progress, shard, image_height=image_height, image_width=image_width,
          geometry=geometry,
          split__val_fraction=val_fraction, split__test_fraction=test_fraction, split__seed=split_seed,
-         **_fold_fields(fold), lesion_slice_offset=lesion_slice_offset, normal_slices_per_volume=normal_slices, workers=workers,
-         decoder=decoder,
+         **_fold_fields(fold), lesion_slice_offset=lesion_slice_offset, normal_slices_per_volume=normal_slices,
+         context_slices=context_slices, workers=workers, decoder=decoder,
          on_error=on_error, file_paths_csv=file_paths_csv or None, labels_csv=labels_csv or None,
          boxes_csv=boxes_csv or None, dataset=dataset, inputs=inputs or None)
 

@@ -1,8 +1,9 @@
 """Torch datasets over the HDF5 slice cache, shared by the teacher (mammography) and the student (DBT).
 
-A sample is a dict ``{"image": (1, H, W) float32, "boxes": (k, 4) float32 xyxy in cache pixels,
+A sample is a dict ``{"image": (C, H, W) float32 (C = 1, or ``input_slices`` for 2.5-D input: the slice and its
+neighbours in order, the slice in the middle), "boxes": (k, 4) float32 xyxy in cache pixels,
 "labels": (k,) int64 zeros, "row": int}``; :func:`collate_detection` stacks a list of them into
-``{"images": (B, 1, H, W), "targets": [{"boxes", "labels"}...], "rows": (B,) int64}``.
+``{"images": (B, C, H, W), "targets": [{"boxes", "labels"}...], "rows": (B,) int64}``.
 
 Determinism: the augmentation of sample ``i`` in epoch ``e`` is drawn from a generator seeded with
 ``(seed, e, i)``, not from a process-global RNG. The same sample is therefore augmented the same way whether
@@ -28,19 +29,20 @@ from comoto_cli.transforms.geometry import hflip_boxes, vflip_boxes
 
 def augment_sample(image: np.ndarray, boxes: np.ndarray, augment: AugmentConfig,
                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Random flips (boxes mirrored with the image) and intensity jitter of an (H, W) image in [0, 1].
+    """Random flips (boxes mirrored with the image) and intensity jitter of an (H, W) or (C, H, W) image in [0, 1]
+    (every channel alike).
 
     Jitter: ``image * c + b`` with contrast ``c`` in ``1 +- j`` and brightness ``b`` in ``+- j``, clipped to
     [0, 1], ``j = augment.intensity_jitter``. Pure given ``rng``.
     """
-    height, width = image.shape
+    height, width = image.shape[-2:]
     # Draw every random number unconditionally so the stream does not depend on which branches fire.
     draws = rng.random(4)
     if draws[0] < augment.horizontal_flip:
-        image = image[:, ::-1]
+        image = image[..., ::-1]
         boxes = hflip_boxes(boxes, width)
     if draws[1] < augment.vertical_flip:
-        image = image[::-1, :]
+        image = image[..., ::-1, :]
         boxes = vflip_boxes(boxes, height)
     jitter = augment.intensity_jitter
     if jitter > 0:
@@ -59,8 +61,8 @@ def augment_params(draws: np.ndarray, augment: AugmentConfig) -> tuple[float, fl
             jitter * (2.0 * draws[3] - 1.0) if jitter > 0 else 0.0)
 
 
-def augmented_boxes(boxes: np.ndarray, params: tuple[float, ...], shape: tuple[int, int]) -> np.ndarray:
-    height, width = shape
+def augmented_boxes(boxes: np.ndarray, params: tuple[float, ...], shape: tuple[int, ...]) -> np.ndarray:
+    height, width = shape[-2:]
     if params[0]:
         boxes = hflip_boxes(boxes, width)
     if params[1]:
@@ -69,7 +71,7 @@ def augmented_boxes(boxes: np.ndarray, params: tuple[float, ...], shape: tuple[i
 
 
 def augment_batch(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """The pixels of :func:`augment_sample` for a batch on its device: ``images`` (B, 1, H, W) in [0, 1], ``params``
+    """The pixels of :func:`augment_sample` for a batch on its device: ``images`` (B, C, H, W) in [0, 1], ``params``
     (B, 4) float64 from :func:`augment_params`. The same operations at the same precision in the same order, so the
     same pixels (without jitter the parameters are 1 and 0, which leave an image in [0, 1] as it is)."""
     out = images.clone()
@@ -90,19 +92,23 @@ class DetectionDataset(Dataset):
     """The 2-D images of one split of a cache, with their lesion boxes.
 
     ``rows`` restricts the dataset to given rows of ``/slices`` (default: every slice of ``split``);
-    ``lesions_only`` keeps the images that have at least one box. ``augment=None`` disables augmentation
+    ``lesions_only`` keeps the images that have at least one box. ``input_slices`` (odd): each image is the slice
+    and its neighbours as channels (2.5-D), clamped at the volume's ends; the cache must store them
+    (``preprocess.context_slices``), which is checked here. ``augment=None`` disables augmentation
     (validation). The HDF5 file is opened lazily in each worker process (``SliceCache`` pickles without it).
     """
 
     def __init__(self, cache: SliceCache | str | Path, split: str = "train", *, augment: AugmentConfig | None = None,
                  seed: int = 0, rows: Sequence[int] | np.ndarray | None = None, lesions_only: bool = False,
-                 stored_precision: bool | None = None):
+                 stored_precision: bool | None = None, input_slices: int = 1):
         self.cache = cache if isinstance(cache, SliceCache) else SliceCache(cache)
         self.split = split
         selected = self.cache.slices_in_split(split) if rows is None else np.asarray(rows, dtype=np.int64)
         if lesions_only:
             selected = selected[self.cache.box_count[selected] > 0]
         self.rows = np.asarray(selected, dtype=np.int64)
+        radius = (int(input_slices) - 1) // 2
+        self.windows = self.cache.window_rows(self.rows, radius) if radius > 0 else None  # (n, input_slices) rows
         self.augment = augment
         # Resolved here, in the main process: "auto" follows the device training will use (engine.distributed picks
         # CUDA whenever it is available), and loader workers must not probe CUDA themselves.
@@ -139,7 +145,7 @@ class DetectionDataset(Dataset):
         row = int(self.rows[index])
         on_device, stored = self.on_device, self.stored_precision
         try:
-            image = self.cache.images_f16(row) if stored else self.cache.image(row)
+            image = self._pixels(row if self.windows is None else self.windows[index], stored)
         except (OSError, KeyError) as exc:
             raise InputDataError(f"cannot read slice {row} ({exc})", path=self.cache.path) from None
         boxes = np.asarray(self.cache.boxes(row), dtype=np.float32).reshape(-1, 4)
@@ -152,13 +158,25 @@ class DetectionDataset(Dataset):
                 sample["augment"] = torch.tensor(params, dtype=torch.float64)
             else:
                 image, boxes = augment_sample(image, boxes, self.augment, rng)
-        sample["image"] = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float16 if stored else np.float32))[None]
+        pixels = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float16 if stored else np.float32))
+        sample["image"] = pixels if pixels.ndim == 3 else pixels[None]
         sample["boxes"] = torch.from_numpy(boxes.copy())
         return sample
 
+    def _pixels(self, rows: int | np.ndarray, stored: bool) -> np.ndarray:
+        """(H, W) for one row, (C, H, W) for a window of rows; a row repeated at a volume's end is read once."""
+        read = self.cache.images_f16 if stored else self.cache.image
+        if np.ndim(rows) == 0:
+            return read(int(rows))
+        seen: dict[int, np.ndarray] = {}
+        for row in (int(r) for r in rows):
+            if row not in seen:
+                seen[row] = read(row)
+        return np.stack([seen[int(r)] for r in rows])
+
 
 def collate_detection(samples: list[dict]) -> dict:
-    """List of samples -> ``{"images": (B, 1, H, W), "targets": [{"boxes", "labels"}], "rows": (B,)}``, plus
+    """List of samples -> ``{"images": (B, C, H, W), "targets": [{"boxes", "labels"}], "rows": (B,)}``, plus
     ``"augment"`` (B, 4) when the samples' pixels are to be augmented on the device."""
     batch = {
         # default_collate stacks straight into shared memory inside a loader worker: one copy of the pixels fewer

@@ -44,6 +44,7 @@ from comoto_cli.losses import (
     masked_batch_mean,
 )
 from comoto_cli.metrics.registry import compute_metrics, metric_names
+from comoto_cli.networks.backbone import fit_first_conv
 from comoto_cli.networks.checkpoint import load_detector
 from comoto_cli.networks.detector import build_detector
 from comoto_cli.utils.atomic import ensure_writable_dir, sha256_file, write_json_atomic
@@ -169,7 +170,8 @@ def _student_data(config: DistillConfig):
         raise UsageError(f"a '{cache.modality}' cache; the student trains on a DBT cache (`comoto preprocess dbt`)",
                          path=config.cache)
     rows, kept_patients = training_rows(cache, config.train_ratio, config.seed)
-    train_set = DetectionDataset(cache, "train", augment=config.augment, seed=config.seed, rows=rows)
+    train_set = DetectionDataset(cache, "train", augment=config.augment, seed=config.seed, rows=rows,
+                                 input_slices=config.model.input_slices)
     if len(train_set) == 0:
         raise UsageError("the train split has no slices", path=config.cache)
     inference = config.val_inference.model_copy(update={"batch_size": config.val_batch_size,
@@ -184,12 +186,19 @@ def _student_and_teacher(config: DistillConfig, mode: DistillMode, student_size:
     if mode.needs_teacher:  # loaded before the student is built: the order of the seeded initialisations
         teacher, teacher_meta = load_detector(Path(config.teacher), map_location="cpu")
     if mode.init == "teacher":
-        # Student = teacher architecture: "the reference initialises the student from the teacher".
-        model_config = teacher.config
+        # Student = teacher architecture: "the reference initialises the student from the teacher"; only its input
+        # slices are the student's own (a 2.5-D student starts from the 2-D teacher, see fit_first_conv).
+        model_config = teacher.config.model_copy(update={"input_slices": config.model.input_slices})
     model = build_detector(model_config, student_size)
     if mode.init == "teacher":
-        model.load_state_dict(teacher.state_dict())
+        model.load_state_dict(fitted_to(teacher.state_dict(), model.state_dict()))
     return model, teacher, teacher_meta
+
+
+def fitted_to(state: dict, target: dict) -> dict:
+    """``state`` with each first convolution fitted to ``target``'s input channels (:func:`fit_first_conv`)."""
+    return {key: fit_first_conv(value, target[key].shape[1]) if key.endswith("body.conv1.weight") else value
+            for key, value in state.items()}
 
 
 def _freeze(teacher, device):

@@ -63,8 +63,9 @@ def run_train_teacher(config: TeacherConfig, *, resume: bool = False, console=No
         raise UsageError(f"{config.cache}: a '{cache.modality}' cache; the teacher trains on a mammography cache "
                          "(`comoto preprocess mammo`)")
     image_size = (cache.image_height, cache.image_width)
-    train_set = DetectionDataset(cache, "train", augment=config.augment, seed=config.seed)
-    val_set = DetectionDataset(cache, "val")
+    slices = config.model.input_slices  # a mammogram is one slice: its channels repeat it
+    train_set = DetectionDataset(cache, "train", augment=config.augment, seed=config.seed, input_slices=slices)
+    val_set = DetectionDataset(cache, "val", input_slices=slices)
     if len(train_set) == 0:
         raise UsageError(f"{config.cache}: the train split has no images")
     if len(val_set) == 0:

@@ -113,7 +113,7 @@ def _plot_image_froc(path: Path, predictions, ground_truth, marks, split: str) -
 def _evaluate_mammo(model, cache, config: EvaluateConfig, out: Path, device, progress: bool) -> dict:
     """Per-image scoring, shared with the teacher's per-epoch validation (:mod:`comoto_cli.evaluation.validation`)."""
 
-    dataset = DetectionDataset(cache, config.split, augment=None)
+    dataset = DetectionDataset(cache, config.split, augment=None, input_slices=model.config.input_slices)
     # Images are read from the cache batch by batch; on the CPU a batch is capped in pixels like volume inference.
     batch_size = forward_batch_size(config.inference.batch_size, (cache.image_height, cache.image_width), device)
     predictions = detect_images(model, dataset, batch_size=batch_size, device=device)

@@ -128,9 +128,12 @@ def export_metadata(detector: ComotoDetector, image_size: tuple[int, int], expor
         "comoto_version": __version__,
         "torch_version": torch.__version__,
         "input": {
-            "name": INPUT_NAME, "shape": ["batch", 1, height, width], "dtype": "float32",
+            "name": INPUT_NAME, "shape": ["batch", config.input_slices, height, width], "dtype": "float32",
             "values": "slices as `comoto preprocess` caches them: official reader frame, VOI window (MONOCHROME1 "
-                      "inverted), in [0, 1], framed into height x width by `geometry`",
+                      "inverted), in [0, 1], framed into height x width by `geometry`"
+                      + ("" if config.input_slices == 1 else
+                         f"; channel c is slice s + c - {config.input_slices // 2} of the volume for output slice s, "
+                         "clamped to the first and last slice"),
             "geometry": getattr(detector, "geometry", "stretch"),
             "geometry_meaning": GEOMETRY_MEANING.get(getattr(detector, "geometry", "stretch"), ""),
         },
@@ -293,9 +296,11 @@ def export_image_size(detector: ComotoDetector, height: int | None, width: int |
     return size
 
 
-def _example_input(image_size: tuple[int, int]) -> Tensor:
+def _example_input(image_size: tuple[int, int], slices: int = 1) -> Tensor:
+    """What the module is traced with: one image of ``slices`` channels (a 2.5-D model is traced with its
+    neighbours, so the exported graph takes them; a 2-D one with the grey channel)."""
     generator = torch.Generator().manual_seed(0)
-    return torch.rand((1, 1, *image_size), generator=generator)
+    return torch.rand((1, slices, *image_size), generator=generator)
 
 
 @contextlib.contextmanager
@@ -348,7 +353,7 @@ def export_detector(detector: ComotoDetector, out: str | Path, export_format: st
     writer = _write_onnx if export_format == "onnx" else _write_torchscript
     # The sidecar is renamed into place just before the module: a failed export changes neither.
     with torch.no_grad(), atomic_path(out) as temporary:
-        writer(module, _example_input(size), temporary, metadata_text)
+        writer(module, _example_input(size, detector.config.input_slices), temporary, metadata_text)
         write_text_atomic(sidecar_path(out), metadata_text + "\n")
     return metadata
 

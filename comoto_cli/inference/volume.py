@@ -77,6 +77,44 @@ def slice_range(num_slices: int, skip_edge_slices: int) -> range:
     return range(skip, int(num_slices) - skip)
 
 
+def input_radius(model) -> int:
+    """Neighbours on each side that ``model`` takes with a slice (``model.input_slices``; 0 for a 2-D model)."""
+    config = getattr(model, "config", None)
+    return (int(getattr(config, "input_slices", 1)) - 1) // 2
+
+
+def read_range(num_slices: int, skip_edge_slices: int, radius: int) -> range:
+    """The slices :func:`detect_volume` reads: those it detects on and their ``radius`` neighbours (an edge slice
+    skipped for detection can still be a neighbour)."""
+    wanted = slice_range(num_slices, skip_edge_slices)
+    return range(max(wanted.start - radius, 0), min(wanted.stop + radius, int(num_slices)))
+
+
+class _Windows:
+    """Reads a slice source once, in ascending ranges, and hands out each wanted slice with its ``radius``
+    neighbours as channels, clamped at the volume's ends: (n, 2 * radius + 1, H, W). Holds one batch and
+    2 * radius slices."""
+
+    def __init__(self, source, num_slices: int, reads: range, radius: int):
+        self.source, self.num_slices, self.radius = source, num_slices, radius
+        self.start = self.end = reads.start  # the buffer holds slices [start, end)
+        self.buffer: np.ndarray | None = None
+
+    def take(self, first: int, stop: int) -> np.ndarray:
+        end = min(stop + self.radius, self.num_slices)
+        if end > self.end:
+            new = self.source[self.end:end]
+            new = new.numpy() if isinstance(new, torch.Tensor) else np.asarray(new)
+            self.buffer = new if self.buffer is None else np.concatenate([self.buffer, new])
+            self.end = end
+        keep = max(first - self.radius, 0)
+        if keep > self.start:
+            self.buffer, self.start = self.buffer[keep - self.start:], keep
+        index = np.clip(np.arange(first, stop)[:, None] + np.arange(-self.radius, self.radius + 1)[None, :], 0,
+                        self.num_slices - 1)
+        return self.buffer[index - self.start]
+
+
 def _empty_detections() -> dict[str, np.ndarray]:
     return {"slice_index": np.zeros(0, np.int64), "boxes": np.zeros((0, 4), np.float32),
             "scores": np.zeros(0, np.float32)}
@@ -91,9 +129,10 @@ def detect_volume(model, slices: np.ndarray | torch.Tensor | SliceSource, *, con
     most ``config.batch_size`` slices (fewer on the CPU, see :func:`forward_batch_size`), in ascending order, and
     no batch is kept after its pass, so a lazy source never has the whole volume in memory. Slices go through
     ``model.predict`` a batch at a time, skipping ``config.skip_edge_slices`` at each end (see
-    :func:`slice_range`). Returns ``slice_index`` (n,) int64,
-    ``boxes`` (n, 4) float32 xyxy in the cache frame (pixels of ``slices``) and ``scores`` (n,) float32; the
-    same for any batch size.
+    :func:`slice_range`). A 2.5-D model (``model.config.input_slices`` > 1) gets each slice with its neighbours as
+    channels, clamped at the volume's ends; the source is then read once over :func:`read_range`. Returns
+    ``slice_index`` (n,) int64, ``boxes`` (n, 4) float32 xyxy in the cache frame (pixels of ``slices``) and
+    ``scores`` (n,) float32; the same for any batch size.
     """
     shape = tuple(slices.shape)
     if len(shape) != 3:
@@ -106,12 +145,15 @@ def detect_volume(model, slices: np.ndarray | torch.Tensor | SliceSource, *, con
     model.eval()
     wanted = slice_range(shape[0], config.skip_edge_slices)
     step = forward_batch_size(config.batch_size, expected, device)
+    radius = input_radius(model)
+    windows = _Windows(slices, shape[0], read_range(shape[0], config.skip_edge_slices, radius), radius) if radius else None
     indices, boxes, scores = [], [], []
     for start in range(wanted.start, wanted.stop, step):
         stop = min(start + step, wanted.stop)
-        batch = slices[start:stop]
+        batch = slices[start:stop] if windows is None else windows.take(start, stop)
         batch = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch))
-        batch = batch.to(device=device, dtype=torch.float32, non_blocking=True).unsqueeze(1)
+        batch = batch.to(device=device, dtype=torch.float32, non_blocking=True)
+        batch = batch.unsqueeze(1) if batch.ndim == 3 else batch
         outputs = detections_as_numpy(model.predict(batch, flip=config.flip_tta))
         del batch  # the next batch is read before this name is rebound: do not hold two at once
         for offset, output in enumerate(outputs):
@@ -302,7 +344,8 @@ def detect_cache(model, cache, split: str, config: InferenceConfig, device: torc
     _check_whole_volumes(cache, split, volumes)
     device = torch.device(device)
     workers = loader_workers(config.num_workers, device.type)
-    wanted = {v: slice_range(int(vols["num_slices"][v]), config.skip_edge_slices) for v in volumes}
+    radius = input_radius(model)
+    wanted = {v: read_range(int(vols["num_slices"][v]), config.skip_edge_slices, radius) for v in volumes}
     stream = None
     if workers > 0 and volumes:
         rows = np.concatenate([np.arange(cache.volume_slice_rows(v).start, cache.volume_slice_rows(v).stop)[wanted[v]]

@@ -79,6 +79,24 @@ def validate_distill_feature(config: ModelConfig) -> None:
         )
 
 
+def input_channels(config: ModelConfig) -> int:
+    """Channels of the first convolution: the 2.5-D slices, else 3 for ImageNet-normalised input, else 1."""
+    return config.input_slices if config.input_slices > 1 else (3 if config.input_norm == IMAGENET else 1)
+
+
+def fit_first_conv(weight: Tensor, channels: int) -> Tensor:
+    """A first convolution's weight (O, I, k, k) for ``channels`` inputs with the same response to a grey image (the
+    same value in every channel): summed over its inputs for one channel, one channel spread evenly over several.
+    Unchanged when it fits; other shapes are returned as they are for the caller's shape check."""
+    if weight.ndim != 4 or weight.shape[1] == channels:
+        return weight
+    if channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    if weight.shape[1] == 1:
+        return weight.repeat(1, channels, 1, 1) / channels
+    return weight
+
+
 class ResNetFPNBackbone(nn.Module):
     """MONAI ResNet stages + FPN. ``forward`` returns the ordered FPN maps; ``out_channels`` is their width,
     ``level_strides`` their strides, ``distill_stride`` and ``distill_channels`` the distillation map's.
@@ -101,7 +119,7 @@ class ResNetFPNBackbone(nn.Module):
             layers=layers,
             block_inplanes=list(config.width),
             spatial_dims=2,
-            n_input_channels=3 if config.input_norm == IMAGENET else 1,
+            n_input_channels=input_channels(config),
             conv1_t_size=7,
             conv1_t_stride=2,
             shortcut_type="B",
@@ -114,6 +132,7 @@ class ResNetFPNBackbone(nn.Module):
         self.level_names = fpn_level_names(config)
         self.distill_feature = config.distill_feature
         self.input_norm = config.input_norm
+        self.input_channels = input_channels(config)
         if self.input_norm == IMAGENET:  # constants, not parameters: kept out of the state dict
             self.register_buffer("_mean", IMAGENET_MEAN.reshape(1, 3, 1, 1).clone(), persistent=False)
             self.register_buffer("_std", IMAGENET_STD.reshape(1, 3, 1, 1).clone(), persistent=False)
@@ -144,6 +163,8 @@ class ResNetFPNBackbone(nn.Module):
 
     def _stages(self, images: Tensor, last_stage: int) -> OrderedDict[str, Tensor]:
         body = self.body
+        if images.shape[1] == 1 and self.input_channels > 1:  # a grey image (a mammogram) in every channel
+            images = images.expand(-1, self.input_channels, -1, -1)
         if self.input_norm == IMAGENET:  # the grey image as torchvision's RGB input: 0-255, normalised per channel
             images = (images * 255.0 - self._mean) / self._std
         x = body.act(body.bn1(body.conv1(images)))
@@ -214,8 +235,9 @@ def _unwrap_state_dict(loaded: object) -> dict[str, Tensor]:
 def load_backbone_weights(body: ResNet, path: str | Path) -> list[str]:
     """Load a ResNet state dict (torchvision or MONAI names, 1 or 3 input channels) into ``body``.
 
-    A 3-channel first convolution is summed over its input channels, which keeps the response to a grey image
-    (the same value in R, G and B) unchanged. The fully connected head is ignored. Returns the ignored keys.
+    A first convolution of another channel count is fitted by :func:`fit_first_conv` (an RGB one summed for one
+    channel), which keeps the response to a grey image (the same value in every channel) unchanged. The fully
+    connected head is ignored. Returns the ignored keys.
     Raises :class:`CheckpointError` naming the keys when the file does not fit this ResNet.
     """
 
@@ -233,8 +255,8 @@ def load_backbone_weights(body: ResNet, path: str | Path) -> list[str]:
             ignored.append(raw_key)
             continue
         expected_shape = target[key].shape
-        if key == "conv1.weight" and value.ndim == 4 and value.shape[1] == 3 and expected_shape[1] == 1:
-            value = value.sum(dim=1, keepdim=True)
+        if key == "conv1.weight":
+            value = fit_first_conv(value, expected_shape[1])
         if value.shape != expected_shape:
             raise CheckpointError(
                 f"model.weights: {raw_key} has shape {tuple(value.shape)}, the configured ResNet expects "

@@ -212,8 +212,10 @@ class ComotoDetector(nn.Module):
         return self.detector.network.feature_extractor  # type: ignore[return-value]
 
     def _check_images(self, images: Tensor) -> None:
-        if images.ndim != 4 or images.shape[1] != 1:
-            raise UsageError(f"expected images of shape (batch, 1, height, width), got {tuple(images.shape)}")
+        channels = self.config.input_slices
+        if images.ndim != 4 or images.shape[1] not in (1, channels):  # one grey channel is given to every channel
+            expected = "1" if channels == 1 else f"1 or {channels}"
+            raise UsageError(f"expected images of shape (batch, {expected}, height, width), got {tuple(images.shape)}")
         height, width = images.shape[-2:]
         if height % self.size_divisible or width % self.size_divisible:
             raise UsageError(
@@ -287,7 +289,7 @@ class ComotoDetector(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: Tensor, *, flip: bool = False) -> list[dict[str, Tensor]]:
-        """Detections of ``images`` (B, 1, H, W): per image ``boxes`` (n, 4) float32 xyxy image pixels and
+        """Detections of ``images`` (B, C, H, W) (C: 1 or ``input_slices``): per image ``boxes`` (n, 4) float32 xyxy image pixels and
         ``scores`` (n,) float32, best first, as CPU tensors (n <= ``detections_per_image``).
 
         ``flip``: horizontal-flip test-time augmentation. The mirrored images go through the network too; their

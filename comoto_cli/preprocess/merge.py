@@ -178,7 +178,7 @@ def _volume(cache: SliceCache, v: int, lesion_start: int):
         boxes.append(np.asarray(cache.all_boxes[start:start + count], dtype=np.float32).reshape(-1, 4))
         # Stored lesion ids are rows of the shard's /lesions; the writer wants them local to the volume.
         lesion_ids.append(np.asarray(cache.box_lesion[start:start + count], dtype=np.int64) - lesion_start)
-    return record, slice_indices, rows, boxes, lesion_ids
+    return record, slice_indices, rows, boxes, lesion_ids, cache.slice_context[rows].tolist()
 
 
 def _progress(enabled: bool, console):
@@ -238,11 +238,11 @@ def merge_caches(out: str | Path, shards: Sequence[str | Path], *, progress: boo
                     task = bar.add_task("merge shards", total=len(entries))
                     for _, number, v in entries:
                         shard = opened[number]
-                        record, indices, rows, boxes, lesion_ids = _volume(shard.cache, v,
-                                                                           int(lesion_starts[number][v]))
+                        record, indices, rows, boxes, lesion_ids, context = _volume(shard.cache, v,
+                                                                                    int(lesion_starts[number][v]))
                         # Copied as stored chunks: the pixels are never decoded or recompressed.
                         images = StoredSlices(handles[number]["slices/images"], rows)
-                        writer.add_volume(record, indices, images, boxes, lesion_ids)
+                        writer.add_volume(record, indices, images, boxes, lesion_ids, context)
                         report["volumes"] += 1
                         report["slices"] += len(indices)
                         bar.advance(task)

@@ -124,6 +124,7 @@ class _Planned:
     slices: list[int] | None
     source: str = ""
     task: VolumeTask | None = None
+    context: frozenset[int] = frozenset()  # of slices: stored only as 2.5-D neighbours (preprocess.context_slices)
 
 
 def _open_part(path: Path, task: VolumeTask, count: int):
@@ -243,6 +244,15 @@ def _training_slices(record, num_slices: int, lesions, offset: int, normal_slice
     # Seeded per volume (not by position in a list): the choice does not depend on which other volumes exist.
     rng = np.random.default_rng([seed, int.from_bytes(hashlib.sha256(key).digest()[:8], "little")])
     return sorted(int(i) for i in rng.choice(num_slices, size=min(normal_slices, num_slices), replace=False))
+
+
+def with_context(training: list[int], num_slices: int, radius: int) -> tuple[list[int], frozenset[int]]:
+    """The slices to store for ``training`` slices with ``radius`` neighbours each side (clamped to the volume), and
+    those of them that are only neighbours (context, not training samples)."""
+    if radius <= 0 or not training:
+        return list(training), frozenset()
+    stored = {min(max(i + d, 0), num_slices - 1) for i in training for d in range(-radius, radius + 1)}
+    return sorted(stored), frozenset(stored - set(training))
 
 
 def slice_boxes(lesions, stored: list[int], mapping: dict[str, float], offset: int, modality: str,
@@ -529,8 +539,11 @@ def _plan(kept: list, adapter: DatasetAdapter, root: Path, config: PreprocessCon
         else:
             stored = _training_slices(record, shape[0], lesions, offset, config.normal_slices_per_volume,
                                       config.split.seed)
+        stored, context = (with_context(stored, shape[0], config.context_slices) if stored is not None
+                           else (None, frozenset()))
         plan.append(_Planned(record, split, shape, lesions, [str(b.cls) for b in ordered], stored,
-                             source=str(getattr(record, "source", "") or _relative(root, _resolve(root, record.path)))))
+                             source=str(getattr(record, "source", "") or _relative(root, _resolve(root, record.path))),
+                             context=context))
     return plan
 
 
@@ -788,6 +801,10 @@ def _write_volume(planned: _Planned, data: dict, writer: CacheWriter, config: Pr
     boxes, lesion_ids, cut = slice_boxes(planned.lesions, stored, {k: mapping[k] for k in VOLUME_FLOAT_FIELDS}, offset,
                                          adapter.modality, (mapping["content_height"], mapping["content_width"]))
     report["boxes_cut"] += cut
+    context = [index in planned.context for index in stored]
+    for position, is_context in enumerate(context):  # a neighbour channel, not a sample: it has no boxes
+        if is_context:
+            boxes[position], lesion_ids[position] = np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
     volume = VolumeRecord(
         patient_id=str(record.patient_id), study_uid=str(record.study_uid), view=str(record.view),
         split=planned.split, source=planned.source,
@@ -796,7 +813,7 @@ def _write_volume(planned: _Planned, data: dict, writer: CacheWriter, config: Pr
         volume_slices=int(record.volume_slices or num_slices), label=str(record.label or ""),
         lesions=list(planned.lesions), lesion_classes=list(planned.classes), work_key=work_key(planned.task),
     )
-    writer.add_volume(volume, stored, data["images"], boxes, lesion_ids)
+    writer.add_volume(volume, stored, data["images"], boxes, lesion_ids, context)
     report["volumes"] += 1
     report["slices"] += len(stored)
 
