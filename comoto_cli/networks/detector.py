@@ -289,8 +289,8 @@ class ComotoDetector(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: Tensor, *, flip: bool = False) -> list[dict[str, Tensor]]:
-        """Detections of ``images`` (B, C, H, W) (C: 1 or ``input_slices``): per image ``boxes`` (n, 4) float32 xyxy image pixels and
-        ``scores`` (n,) float32, best first, as CPU tensors (n <= ``detections_per_image``).
+        """Detections of ``images`` (B, C, H, W) (C: 1 or ``input_slices``): per image ``boxes`` (n, 4) float32
+        xyxy image pixels and ``scores`` (n,) float32, best first, as CPU tensors (n <= ``detections_per_image``).
 
         ``flip``: horizontal-flip test-time augmentation. The mirrored images go through the network too; their
         candidates, mirrored back, join the originals' before the per-image NMS, so a lesion seen in either
