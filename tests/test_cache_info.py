@@ -39,7 +39,7 @@ def test_summary_counts_per_split(tmp_path):
     assert summary["modality"] == "dbt" and summary["format_version"] == 1 and summary["config_hash"] == "abc"
     assert (summary["image_height"], summary["image_width"]) == (8, 4) and summary["geometry"] == "stretch"
     assert summary["skipped"] == 1 and summary["file_size_bytes"] == path.stat().st_size
-    assert summary["splits"]["train"] == {"volumes": 2, "patients": 1, "slices": 3, "lesions": 1, "boxes": 1,
+    assert summary["splits"]["train"] == {"volumes": 2, "patients": 1, "slices": 3, "context_slices": 0, "lesions": 1, "boxes": 1,
                                           "slices_with_boxes": 1, "volumes_with_lesions": 1}
     assert summary["splits"]["val"]["lesions"] == 2 and summary["splits"]["val"]["boxes"] == 2
     assert summary["splits"]["test"]["slices"] == 3 and summary["splits"]["test"]["lesions"] == 0

@@ -55,6 +55,12 @@ def test_context_cache_keeps_the_same_samples_and_stores_their_neighbours(contex
     assert not plain.slice_context.any() and context.slice_context.any()
     assert _samples(context) == _samples(plain)  # the training samples are unchanged
     assert np.all(context.box_count[context.slice_context] == 0)  # a neighbour channel carries no boxes
+    from comoto_cli.preprocess.summary import cache_summary
+
+    summary = cache_summary(context_caches["context"])
+    assert summary["total"]["context_slices"] == int(context.slice_context.sum())
+    assert summary["splits"]["train"]["slices"] - summary["splits"]["train"]["context_slices"] == len(_samples(plain))
+    assert cache_summary(context_caches["plain"])["total"]["context_slices"] == 0
     rows = context.slices_in_split("train")
     windows = context.window_rows(rows, 1)
     for row, window in zip(rows, windows):

@@ -35,6 +35,8 @@ def info(
     columns = [(unit, "volumes"), ("patients", "patients"), ("slices", "slices"),
                ("with boxes", "slices_with_boxes"), ("boxes", "boxes"), ("lesions", "lesions"),
                (f"{unit} with lesions", "volumes_with_lesions")]
+    if summary["total"]["context_slices"]:  # caches made for 2.5-D input (preprocess.context_slices)
+        columns.insert(3, ("of them context", "context_slices"))
     table.add_column("split")
     for title, _ in columns:
         table.add_column(title, justify="right")

@@ -94,8 +94,8 @@ def cache_content_hash(path: str | Path) -> str:
 
 
 def cache_summary(path: str | Path) -> dict:
-    """Counts and settings of a cache, per split: volumes (images for mammography), patients, stored slices,
-    lesions, boxes, slices with boxes, volumes with lesions."""
+    """Counts and settings of a cache, per split: volumes (images for mammography), patients, stored slices (of
+    them, context slices: 2.5-D neighbours, not samples), lesions, boxes, slices with boxes, volumes with lesions."""
 
     path = Path(path)
     cache = SliceCache(path)
@@ -114,13 +114,14 @@ def cache_summary(path: str | Path) -> dict:
             "volumes": len(rows),
             "patients": len(set(volumes["patient_id"][rows])),
             "slices": int(in_split.sum()),
+            "context_slices": int((in_split & cache.slice_context).sum()),
             "lesions": int(lesions_in.sum()),
             "boxes": int(box_count[in_split].sum()),
             "slices_with_boxes": int((box_count[in_split] > 0).sum()),
             "volumes_with_lesions": len(set(lesion_volume[lesions_in].tolist())),
         }
     total = {key: sum(s[key] for s in splits.values()) for key in
-             ("volumes", "slices", "lesions", "boxes", "slices_with_boxes", "volumes_with_lesions")}
+             ("volumes", "slices", "context_slices", "lesions", "boxes", "slices_with_boxes", "volumes_with_lesions")}
     total["patients"] = len(set(volumes["patient_id"]))
     attrs = cache.attrs
     return {
