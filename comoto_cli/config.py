@@ -580,6 +580,16 @@ class ExperimentConfig(StrictModel):
             raise ValueError("required when synth is null")
         return root
 
+    @model_validator(mode="after")
+    def _context_for_the_student(self) -> ExperimentConfig:
+        """A 2.5-D student needs its neighbours in the DBT cache: caught here, not after both caches and the
+        teachers are made."""
+        needed = (self.student.model.input_slices - 1) // 2
+        if self.preprocess_dbt.context_slices < needed:
+            raise ValueError(f"student.model.input_slices {self.student.model.input_slices} needs "
+                             f"preprocess_dbt.context_slices >= {needed}")
+        return self
+
     @field_validator("methods")
     @classmethod
     def _registered_methods(cls, methods: list[str]) -> list[str]:

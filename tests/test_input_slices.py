@@ -12,9 +12,9 @@ import torch
 
 from comoto_cli.cache import SliceCache
 from comoto_cli.config import AugmentConfig, InferenceConfig, PreprocessConfig
-from comoto_cli.data.datasets import DetectionDataset
+from comoto_cli.data.datasets import DetectionDataset, augment_sample, collate_detection, move_batch
 from comoto_cli.errors import InputDataError
-from comoto_cli.inference.volume import detect_volume, read_range
+from comoto_cli.inference.volume import detect_cache, detect_volume, read_range, slice_range
 from comoto_cli.networks.backbone import fit_first_conv
 from comoto_cli.networks.detector import build_detector
 from comoto_cli.preprocess.pipeline import preprocess, preprocess_config_hash, with_context
@@ -100,11 +100,28 @@ def test_a_2_5d_sample_is_its_slice_and_neighbours_augmented_alike(context_cache
     flat = DetectionDataset(context_caches["context"], "train", augment=augment, seed=3)
     deep = DetectionDataset(context_caches["context"], "train", augment=augment, seed=3, input_slices=3)
     cache = deep.cache
+    flips = set()
     for index in range(len(deep)):
         sample, reference = deep[index], flat[index]
         assert sample["image"].shape == (3, *TINY_CACHE_SIZE.values())
         torch.testing.assert_close(sample["image"][1:2], reference["image"], rtol=0, atol=0)
         torch.testing.assert_close(sample["boxes"], reference["boxes"], rtol=0, atol=0)
+        # Every channel went through the same flips and jitter as the middle one.
+        rng = np.random.default_rng([3, 0, index])
+        draws = rng.random(4)
+        flips.add((bool(draws[0] < 0.5), bool(draws[1] < 0.5)))
+        for channel, row in enumerate(cache.window_rows(deep.rows[index:index + 1], 1)[0]):
+            expected, _ = augment_sample(cache.image(int(row)), np.zeros((0, 4), np.float32), augment,
+                                         np.random.default_rng([3, 0, index]))
+            np.testing.assert_array_equal(sample["image"][channel].numpy(), expected)
+    assert len(flips) > 1  # the check saw flipped and unflipped samples
+    # On the device: the same pixels for every channel (augment.on_device, the GPU default).
+    on_device = DetectionDataset(context_caches["context"], "train", seed=3, input_slices=3,
+                                 augment=augment.model_copy(update={"on_device": True}))
+    batch = collate_detection([on_device[i] for i in range(len(on_device))])
+    augmented = move_batch(batch, torch.device("cpu"))["images"]
+    for index in range(len(deep)):
+        torch.testing.assert_close(augmented[index], deep[index]["image"], rtol=0, atol=0)
     # Unaugmented, each channel is its stored slice.
     plain = DetectionDataset(context_caches["context"], "train", input_slices=3)
     for index in range(len(plain)):
@@ -130,6 +147,21 @@ def test_a_2_5d_student_from_a_2d_teacher_answers_a_grey_image_the_same():
     weight = torch.randn(4, 1, 7, 7)
     assert torch.allclose(fit_first_conv(fit_first_conv(weight, 5), 1), weight, atol=1e-6)
     assert fit_first_conv(weight, 1) is weight
+    rgb = torch.randn(4, 3, 7, 7)  # e.g. ImageNet filters into a 5-slice model: the same grey response
+    grey = torch.rand(1, 1, 16, 16)
+    conv = torch.nn.functional.conv2d
+    torch.testing.assert_close(conv(grey.expand(-1, 5, -1, -1), fit_first_conv(rgb, 5)),
+                               conv(grey.expand(-1, 3, -1, -1), rgb), rtol=1e-4, atol=1e-5)
+    assert fit_first_conv(rgb, 3) is rgb
+
+
+def test_a_teacher_whose_input_cannot_take_the_students_slices_is_one_usage_error(tmp_path):
+    from comoto_cli.engine.distill import with_input_slices
+    from comoto_cli.errors import UsageError
+
+    assert with_input_slices(tiny_model_config(), 5, tmp_path).input_slices == 5
+    with pytest.raises(UsageError, match="input_slices must be 1 or 3"):
+        with_input_slices(tiny_model_config(input_norm="imagenet"), 5, tmp_path / "teacher.pt")
 
 
 class _Recorder:
@@ -141,6 +173,9 @@ class _Recorder:
         self.batches: list[torch.Tensor] = []
 
     def eval(self):
+        return self
+
+    def to(self, device):
         return self
 
     def predict(self, batch, flip=False):
@@ -160,21 +195,35 @@ class _AscendingSource:
         return self.volume[index]
 
 
-@pytest.mark.parametrize("slices,skip,batch", [(3, 0, 4), (3, 2, 3), (5, 1, 1), (5, 0, 16)])
-def test_volume_inference_reads_once_and_gives_each_slice_its_neighbours(slices, skip, batch):
-    volume = np.random.default_rng(slices + skip).random((9, 8, 6)).astype(np.float32)
+@pytest.mark.parametrize("slices,count,skip,batch", [(3, 9, 0, 4), (3, 9, 2, 3), (5, 9, 1, 1), (5, 9, 0, 16),
+                                                      (3, 1, 0, 4), (5, 4, 3, 2), (5, 2, 0, 1)])
+def test_volume_inference_reads_once_and_gives_each_slice_its_neighbours(slices, count, skip, batch):
+    volume = np.random.default_rng(slices + skip).random((count, 8, 6)).astype(np.float32)
     model = _Recorder(slices)
     config = InferenceConfig(skip_edge_slices=skip, batch_size=batch)
-    reads = read_range(9, skip, slices // 2)
+    reads = read_range(count, skip, slices // 2)
     source = _AscendingSource(volume, reads.start)
     detect_volume(model, source, config=config)
     assert source.next == reads.stop  # every needed slice read, once
     seen = torch.cat(model.batches).numpy()
-    wanted = range(skip, 9 - skip)
-    assert seen.shape == (len(wanted), slices, 8, 6)
+    wanted = slice_range(count, skip)
+    assert seen.shape == (len(wanted), slices, 8, 6) and len(wanted) > 0
     for position, index in enumerate(wanted):
-        neighbours = np.clip(np.arange(index - slices // 2, index + slices // 2 + 1), 0, 8)
+        neighbours = np.clip(np.arange(index - slices // 2, index + slices // 2 + 1), 0, count - 1)
         np.testing.assert_array_equal(seen[position], volume[neighbours])
+
+
+def test_streamed_cache_inference_gives_the_same_windows(context_caches):
+    """detect_cache reading ahead in a worker process gives the detector the same windows as reading in turn."""
+    cache = SliceCache(context_caches["context"])
+    seen = {}
+    for workers in (0, 1):
+        model = _Recorder(3, size=(cache.image_height, cache.image_width))
+        detect_cache(model, cache, "test", InferenceConfig(skip_edge_slices=1, batch_size=3, num_workers=workers),
+                     progress=False)
+        seen[workers] = torch.cat(model.batches)
+    assert seen[0].shape[1] == 3 and len(seen[0]) > 0
+    torch.testing.assert_close(seen[0], seen[1], rtol=0, atol=0)
 
 
 @pytest.mark.slow

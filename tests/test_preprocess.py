@@ -401,3 +401,46 @@ def test_fold_flag_reaches_the_split(tiny_synth, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["preprocess", "dbt", str(tmp_path), "--out", str(tmp_path / "x.h5"), "--fold", "6/5"])
     assert info.value.code == 2 and "1 <= I <= K" in capsys.readouterr().err
+
+
+def _as_old_level_zero(path: Path, name: str) -> None:
+    """Rewrite an image dataset as comoto stored level 0 before it meant "uncompressed": gzip at level 0."""
+    with h5py.File(path, "a") as handle:
+        data = handle[name][()]
+        del handle[name]
+        handle.create_dataset(name, data=data, chunks=(1, *data.shape[1:]), maxshape=(None, *data.shape[1:]),
+                              compression="gzip", compression_opts=0, shuffle=True)
+
+
+def test_work_and_caches_in_the_old_level_zero_layout_are_decoded_again(fake, tmp_path):
+    """Level 0 now stores slices raw: work files and caches of the old gzip-0 layout (same config hash) are not
+    copied chunk by chunk into a raw cache; their volumes are decoded again, and the result is a fresh build's."""
+    records = fake()
+    config = _config(compression_level=0)
+    reference = tmp_path / "reference.h5"
+    preprocess(fake.root, reference, config, progress=False)
+    out = tmp_path / "dbt.h5"
+    fake.decoded.clear()
+    fake.state["fail_after"] = 3
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        preprocess(fake.root, out, config, progress=False)
+    parts = list(Path(f"{out}.parts").glob("*/*.part.h5"))
+    assert len(parts) == 3
+    for part in parts:
+        _as_old_level_zero(part, "images")
+    fake.state["fail_after"] = None
+    fake.decoded.clear()
+    preprocess(fake.root, out, config, progress=False)
+    assert len(fake.decoded) == len(records)  # the old work files were redone, not copied
+    assert cache_content_hash(out) == cache_content_hash(reference)
+    with h5py.File(out, "r") as handle:
+        assert handle["slices/images"].compression is None
+    # A finished cache in the old layout: a changed input rebuilds it without copying its slices.
+    _as_old_level_zero(out, "slices/images")
+    np.save(records[0].path, np.load(records[0].path) * 0.5)
+    fresh = tmp_path / "fresh.h5"
+    preprocess(fake.root, fresh, config, progress=False)
+    fake.decoded.clear()
+    preprocess(fake.root, out, config, progress=False)
+    assert len(fake.decoded) == len(records)
+    assert cache_content_hash(out) == cache_content_hash(fresh)

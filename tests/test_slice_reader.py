@@ -89,7 +89,8 @@ def test_cache_reads_equal_h5py_reads(tmp_path):
     assert volume.dtype == np.float32 and volume.shape == (3, 40, 24)
     np.testing.assert_array_equal(volume, stored[1:4].astype(np.float32))
     assert cache.images(slice(2, 2)).shape == (0, 40, 24)
-    assert not SliceReader(h5py.File(path, "r")["slices/images"], direct=False).direct
+    with h5py.File(path, "r") as handle:
+        assert not SliceReader(handle["slices/images"], direct=False).direct
 
 
 def test_a_corrupt_chunk_is_an_error_not_pixels(tmp_path):

@@ -96,15 +96,25 @@ def create_image_dataset(group: h5py.Group, name: str, count: int, height: int, 
                                 chunks=(1, height, width), **filters)
 
 
+def stored_layout(dataset: h5py.Dataset) -> tuple:
+    """(chunks, compression, compression options, shuffle) of an image dataset: chunks copy between equal ones."""
+    return dataset.chunks, dataset.compression, dataset.compression_opts, bool(dataset.shuffle)
+
+
+def level_layout(compression_level: int, height: int, width: int) -> tuple:
+    """:func:`stored_layout` of what :func:`create_image_dataset` makes at ``compression_level``. (Files from before
+    level 0 meant "raw" hold gzip at level 0: a different layout, so their chunks are not reused at level 0.)"""
+    if compression_level:
+        return (1, height, width), "gzip", int(compression_level), True
+    return (1, height, width), None, None, False
+
+
 def copy_chunks(source: h5py.Dataset, target: h5py.Dataset, start: int, rows: slice | None = None) -> None:
     """Append ``source``'s slices (all, or the contiguous range ``rows``) to ``target`` from row ``start`` on, as
     their stored (compressed) chunks: no decoding. ``target`` must already have room for them. Both must come from
     :func:`create_image_dataset` with the same size and compression level."""
-    def layout(dataset: h5py.Dataset) -> tuple:
-        return dataset.chunks, dataset.compression, dataset.compression_opts, dataset.shuffle
-
-    if layout(source) != layout(target):
-        raise ValueError(f"chunk layouts differ: {layout(source)} vs {layout(target)}")
+    if stored_layout(source) != stored_layout(target):
+        raise ValueError(f"chunk layouts differ: {stored_layout(source)} vs {stored_layout(target)}")
     first, stop, step = (0, source.shape[0], 1) if rows is None else rows.indices(source.shape[0])
     if step != 1:
         raise ValueError(f"rows must be a contiguous range, got step {step}")

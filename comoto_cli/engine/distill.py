@@ -24,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from comoto_cli.cache import SliceCache
-from comoto_cli.config import DistillConfig, InferenceConfig
+from comoto_cli.config import DistillConfig, InferenceConfig, ModelConfig
 from comoto_cli.data.datasets import DetectionDataset, infinite_batches, move_batch
 from comoto_cli.engine import distributed
 from comoto_cli.engine.modes import DistillMode, ModeSetup, get_mode
@@ -188,11 +189,21 @@ def _student_and_teacher(config: DistillConfig, mode: DistillMode, student_size:
     if mode.init == "teacher":
         # Student = teacher architecture: "the reference initialises the student from the teacher"; only its input
         # slices are the student's own (a 2.5-D student starts from the 2-D teacher, see fit_first_conv).
-        model_config = teacher.config.model_copy(update={"input_slices": config.model.input_slices})
+        model_config = with_input_slices(teacher.config, config.model.input_slices, Path(config.teacher))
     model = build_detector(model_config, student_size)
     if mode.init == "teacher":
         model.load_state_dict(fitted_to(teacher.state_dict(), model.state_dict()))
     return model, teacher, teacher_meta
+
+
+def with_input_slices(model: ModelConfig, slices: int, teacher: Path) -> ModelConfig:
+    """The teacher's model config with the student's input slices, validated as a config file would be."""
+    try:
+        return ModelConfig.model_validate({**model.model_dump(), "input_slices": slices})
+    except ValidationError as exc:
+        reason = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise UsageError(f"a student initialised from this teacher cannot take {slices} input slices: {reason}",
+                         path=teacher) from None
 
 
 def fitted_to(state: dict, target: dict) -> dict:

@@ -104,7 +104,7 @@ class _Windows:
         end = min(stop + self.radius, self.num_slices)
         if end > self.end:
             new = self.source[self.end:end]
-            new = new.numpy() if isinstance(new, torch.Tensor) else np.asarray(new)
+            new = new.detach().cpu().numpy() if isinstance(new, torch.Tensor) else np.asarray(new)
             self.buffer = new if self.buffer is None else np.concatenate([self.buffer, new])
             self.end = end
         keep = max(first - self.radius, 0)

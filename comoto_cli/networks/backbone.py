@@ -86,15 +86,11 @@ def input_channels(config: ModelConfig) -> int:
 
 def fit_first_conv(weight: Tensor, channels: int) -> Tensor:
     """A first convolution's weight (O, I, k, k) for ``channels`` inputs with the same response to a grey image (the
-    same value in every channel): summed over its inputs for one channel, one channel spread evenly over several.
-    Unchanged when it fits; other shapes are returned as they are for the caller's shape check."""
+    same value in every channel): summed over its I inputs and spread evenly over the ``channels``. Unchanged when I
+    is already ``channels`` (ImageNet's RGB filters for three channels: the usual start of a 2.5-D model)."""
     if weight.ndim != 4 or weight.shape[1] == channels:
         return weight
-    if channels == 1:
-        return weight.sum(dim=1, keepdim=True)
-    if weight.shape[1] == 1:
-        return weight.repeat(1, channels, 1, 1) / channels
-    return weight
+    return weight.sum(dim=1, keepdim=True).repeat(1, channels, 1, 1) / channels
 
 
 class ResNetFPNBackbone(nn.Module):

@@ -28,6 +28,8 @@ from comoto_cli.cache.h5cache import (
     SliceCache,
     StoredSlices,
     VolumeRecord,
+    level_layout,
+    stored_layout,
 )
 from comoto_cli.cache.shards import SHARD_ATTR, SHARD_GROUP, parse_shard
 from comoto_cli.errors import ComotoError, InputDataError, UsageError
@@ -48,7 +50,7 @@ class _Shard:
     attrs: dict
     plan_index: np.ndarray
     plan_size: int
-    compression: int
+    compression: tuple  # h5cache.stored_layout of its images
     cache: SliceCache
 
     @property
@@ -77,7 +79,11 @@ def _open_shard(path: Path) -> _Shard:
                                      path=path)
             plan_index = np.asarray(handle[SHARD_GROUP]["plan_index"][()], dtype=np.int64)
             plan_size = int(handle[SHARD_GROUP].attrs.get("plan_size", -1))
-            compression = int(handle["slices/images"].compression_opts or 0)
+            compression = stored_layout(handle["slices/images"])
+            if compression != level_layout(int(compression[2] or 0), *compression[0][1:]):
+                raise InputDataError(f"images stored as {compression[1:]}, a layout this comoto does not write (gzip "
+                                     "at level 0 is from before level 0 meant uncompressed); preprocess the shards "
+                                     "again", path=path)
     except ComotoError:
         raise
     except (OSError, KeyError, ValueError) as exc:
@@ -117,7 +123,8 @@ def _check_together(shards: list[_Shard]) -> list[_Shard]:
                                  f"volumes vs {first.plan_size}); rerun every shard on the same data",
                                  path=shard.path)
         if shard.compression != first.compression:
-            raise InputDataError(f"images compressed at another level than {first.path}", path=shard.path)
+            raise InputDataError(f"images stored with another compression than {first.path} ({shard.compression[1:]} "
+                                 f"vs {first.compression[1:]})", path=shard.path)
     by_index: dict[int, _Shard] = {}
     for shard in shards:
         if shard.index in by_index:
@@ -232,7 +239,7 @@ def merge_caches(out: str | Path, shards: Sequence[str | Path], *, progress: boo
             writer = CacheWriter(temporary, modality=_text(attrs["modality"]), image_height=int(attrs["image_height"]),
                                  image_width=int(attrs["image_width"]), config_json=_text(attrs["config_json"]),
                                  config_hash=_text(attrs["config_hash"]), source_root=_text(attrs["source_root"]),
-                                 compression_level=first.compression)
+                                 compression_level=int(first.compression[2] or 0))
             try:
                 with _progress(progress, console) as bar:
                     task = bar.add_task("merge shards", total=len(entries))

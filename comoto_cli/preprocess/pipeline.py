@@ -134,14 +134,19 @@ def _open_part(path: Path, task: VolumeTask, count: int):
                                         task.width, task.compression_level)
 
 
-def _load_part(path: Path) -> dict | None:
-    """The finished work file of one volume (open, the caller closes ``handle``), or None when it is missing or
-    unreadable (then it is redone). Only complete files are ever renamed into place, so a readable one is whole."""
+def _load_part(path: Path, task: VolumeTask) -> dict | None:
+    """The finished work file of one volume (open, the caller closes ``handle``), or None when it is missing,
+    unreadable or stored in another chunk layout than ``task``'s (then it is redone). Only complete files are ever
+    renamed into place, so a readable one is whole."""
     try:
         handle = h5py.File(path, "r")
     except (OSError, ValueError):
         return None
     try:
+        if h5cache.stored_layout(handle["images"]) != h5cache.level_layout(task.compression_level, task.height,
+                                                                            task.width):
+            handle.close()
+            return None
         attrs = handle.attrs
         data = {"handle": handle, "images": handle["images"], "slice_indices": np.asarray(attrs["slice_indices"]),
                 "flipped": bool(attrs["flipped"]), "shape": tuple(int(v) for v in attrs["shape"])}
@@ -598,7 +603,7 @@ def _write(run: _Run, plan: list[_Planned], positions: list[int], plan_size: int
         writer = (CacheWriter(temporary, **settings) if run.shard is None
                   else _ShardWriter(temporary, plan=plan, positions=positions, **settings))
         try:
-            with _previous_slices(run.out, run.digest, run.root) as previous:
+            with _previous_slices(run.out, run.digest, run.root, config) as previous:
                 worker_skipped = _run_and_write(plan, writer, config, run.adapter, report, run.progress, run.console,
                                                 run.skipped, previous)
             all_skipped = sorted((run.skipped or []) + worker_skipped, key=_skip_key)
@@ -677,16 +682,19 @@ def _skip_key(entry: dict) -> tuple:
 
 
 @contextlib.contextmanager
-def _previous_slices(out: Path, digest: str, root: Path) -> Iterator[dict[str, dict]]:
+def _previous_slices(out: Path, digest: str, root: Path, config: PreprocessConfig) -> Iterator[dict[str, dict]]:
     """The volumes of the cache OUT already holds, by work key, when it was made with the same config from the same
-    data root: a rebuild after some inputs changed copies their slices instead of decoding them again."""
+    data root and stores its slices in the layout this config writes: a rebuild after some inputs changed copies
+    their slices instead of decoding them again."""
     try:
         handle = h5py.File(out, "r") if out.is_file() else None
     except (OSError, ValueError):
         handle = None
     try:
         found: dict[str, dict] = {}
-        if handle is not None and _same_settings(handle, digest, root) and WORK_KEY in handle["volumes"]:
+        layout = h5cache.level_layout(config.compression_level, config.image_height, config.image_width)
+        if (handle is not None and _same_settings(handle, digest, root) and WORK_KEY in handle["volumes"]
+                and h5cache.stored_layout(handle["slices/images"]) == layout):
             volumes, slice_index = handle["volumes"], handle["slices/slice_index"][()]
             starts, counts = volumes["slice_start"][()], volumes["slice_count"][()]
             for row, key in enumerate(volumes[WORK_KEY].asstr()[()]):
@@ -744,10 +752,10 @@ def _run_and_write(plan: list[_Planned], writer: CacheWriter, config: Preprocess
             if "previous" in outcome:
                 _write_volume(planned, previous[outcome["previous"]], writer, config, adapter, report)
                 continue
-            data = _load_part(Path(outcome["part"])) if "part" in outcome else None
-            if "part" in outcome and data is None:  # torn by a crash or a disk error: redo it here
+            data = _load_part(Path(outcome["part"]), planned.task) if "part" in outcome else None
+            if "part" in outcome and data is None:  # torn by a crash or a disk error, or another layout: redo it
                 outcome = process_volume(planned.task)
-                data = _load_part(Path(outcome["part"])) if "part" in outcome else None
+                data = _load_part(Path(outcome["part"]), planned.task) if "part" in outcome else None
                 if "part" in outcome and data is None:
                     raise InputDataError("cannot read back the work file just written", path=outcome["part"])
             if "error" in outcome:
