@@ -15,25 +15,15 @@ import json
 import time
 from pathlib import Path
 
-from comoto_cli.cache.h5cache import SliceCache
 from comoto_cli.config import ExperimentConfig
 from comoto_cli.data.tables import read_dbtex_predictions
-from comoto_cli.evaluation.evaluate_checkpoint import dbtex_ground_truth
-from comoto_cli.experiment import cache_paths, method_label, run_folder
+from comoto_cli.experiment import ground_truth, method_label, run_folder
 from comoto_cli.metrics.dbtex import DbtexTables, paired_difference
 
 
-def _truth(config: ExperimentConfig):
-    cache = SliceCache(cache_paths(config)[0])
-    try:
-        return dbtex_ground_truth(cache, config.split)
-    finally:
-        cache.close()
-
-
 def compare(a: ExperimentConfig, b: ExperimentConfig, bootstrap: int) -> list[dict]:
-    boxes, labels = _truth(a)
-    other_boxes, other_labels = _truth(b)
+    boxes, labels = ground_truth(a)
+    other_boxes, other_labels = ground_truth(b)
     if sorted(labels["StudyUID"].tolist()) != sorted(other_labels["StudyUID"].tolist()) or \
             sorted(boxes["StudyUID"].tolist()) != sorted(other_boxes["StudyUID"].tolist()):
         raise SystemExit("the two experiments do not score the same test volumes and lesions")

@@ -17,27 +17,18 @@ import json
 import time
 from pathlib import Path
 
-from comoto_cli.cache.h5cache import SliceCache
+from benchmarks.staples import paired_table
 from comoto_cli.config import ExperimentConfig
 from comoto_cli.data.tables import read_dbtex_predictions
-from comoto_cli.evaluation.evaluate_checkpoint import dbtex_ground_truth
-from comoto_cli.experiment import cache_paths, method_label, run_folder
+from comoto_cli.experiment import ground_truth, method_label, run_folder
 from comoto_cli.inference.ensemble import fuse_predictions
 from comoto_cli.metrics.dbtex import DbtexTables, paired_difference
 
 
-def _truth(config: ExperimentConfig):
-    cache = SliceCache(cache_paths(config)[0])
-    try:
-        return dbtex_ground_truth(cache, config.split)
-    finally:
-        cache.close()
-
-
 def measure(folds: list[ExperimentConfig], bootstrap: int) -> list[dict]:
-    boxes, labels = _truth(folds[0])
+    boxes, labels = ground_truth(folds[0])
     for config in folds[1:]:
-        other_boxes, other_labels = _truth(config)
+        other_boxes, other_labels = ground_truth(config)
         if sorted(other_labels["StudyUID"].tolist()) != sorted(labels["StudyUID"].tolist()):
             raise SystemExit(f"{config.out}: another test split than {folds[0].out}; the folds must share it")
     first = folds[0]
@@ -69,13 +60,7 @@ def markdown(rows: list[dict], folds: list[ExperimentConfig], bootstrap: int, mi
              f"{folds[0].split} split), {time.strftime('%Y-%m-%d')}, {minutes:.0f} min: paired difference in mean "
              f"sensitivity (mean over seeds x folds) with a 95 % paired patient-bootstrap interval ({bootstrap} "
              "resamples). Resolved: the interval excludes 0. Per pair: seed by seed, fold by fold.", "",
-             "| comparison | train ratio | method | difference | 95 % CI (paired) | resolved | per pair |",
-             "|---|---|---|---|---|---|---|"]
-    for row in rows:
-        pairs = " / ".join(f"{d:+.3f}" for d in row["per_pair"])
-        lines.append(f"| {row['comparison']} | {row['train_ratio']:g} | {row['label']} | {row['difference']:+.3f} "
-                     f"| {row['ci95_low']:+.3f} to {row['ci95_high']:+.3f} | {'yes' if row['resolved'] else 'no'} "
-                     f"| {pairs} |")
+             *paired_table(rows, ("comparison", "comparison"), ("per pair", "per_pair"))]
     return "\n".join(lines) + "\n"
 
 

@@ -18,11 +18,10 @@ import json
 import time
 from pathlib import Path
 
-from comoto_cli.cache.h5cache import SliceCache
 from comoto_cli.config import ExperimentConfig
 from comoto_cli.data.tables import read_dbtex_predictions
-from comoto_cli.evaluation.evaluate_checkpoint import dbtex_ground_truth, evaluate_checkpoint
-from comoto_cli.experiment import cache_paths, evaluation_config, method_label, run_folder
+from comoto_cli.evaluation.evaluate_checkpoint import evaluate_checkpoint
+from comoto_cli.experiment import cache_paths, evaluation_config, ground_truth, method_label, run_folder
 from comoto_cli.inference.ensemble import fuse_predictions
 from comoto_cli.metrics.dbtex import DbtexTables, paired_difference
 
@@ -45,11 +44,7 @@ def _row(kind: str, method: str, ratio: float, result, seeds: int) -> dict:
 
 def measure(config: ExperimentConfig, bootstrap: int) -> list[dict]:
     dbt_cache, _ = cache_paths(config)
-    cache = SliceCache(dbt_cache)
-    try:
-        boxes, labels = dbtex_ground_truth(cache, config.split)
-    finally:
-        cache.close()
+    boxes, labels = ground_truth(config, dbt_cache)
 
     def tables(paths):
         return [DbtexTables(predictions=read_dbtex_predictions(p), boxes=boxes, labels=labels) for p in paths]
@@ -73,14 +68,21 @@ def markdown(rows: list[dict], config: ExperimentConfig, bootstrap: int, minutes
     lines = [f"Inference staples on `{config.out}` ({config.split} split), {time.strftime('%Y-%m-%d')}, "
              f"{minutes:.0f} min: paired difference in mean sensitivity (mean over {len(config.seeds)} seeds) with a "
              f"95 % paired patient-bootstrap interval ({bootstrap} resamples). Resolved: the interval excludes 0.", "",
-             "| staple | train ratio | method | difference | 95 % CI (paired) | resolved | per seed |",
+             *paired_table(rows, ("staple", "staple"), ("per seed", "per_seed"))]
+    return "\n".join(lines) + "\n"
+
+
+def paired_table(rows: list[dict], first: tuple[str, str], last: tuple[str, str]) -> list[str]:
+    """Markdown lines of paired differences: ``first`` and ``last`` are (column title, row key) of the first column
+    and of the list of single differences shown last."""
+    lines = [f"| {first[0]} | train ratio | method | difference | 95 % CI (paired) | resolved | {last[0]} |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:
-        seeds = " / ".join(f"{d:+.3f}" for d in row["per_seed"])
-        lines.append(f"| {row['staple']} | {row['train_ratio']:g} | {row['label']} | {row['difference']:+.3f} | "
+        singles = " / ".join(f"{d:+.3f}" for d in row[last[1]])
+        lines.append(f"| {row[first[1]]} | {row['train_ratio']:g} | {row['label']} | {row['difference']:+.3f} | "
                      f"{row['ci95_low']:+.3f} to {row['ci95_high']:+.3f} | {'yes' if row['resolved'] else 'no'} | "
-                     f"{seeds} |")
-    return "\n".join(lines) + "\n"
+                     f"{singles} |")
+    return lines
 
 
 def main() -> None:

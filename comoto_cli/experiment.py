@@ -265,13 +265,18 @@ def _run_tables(config: ExperimentConfig, method: str, ratio: float, seeds: list
     return [DbtexTables(predictions=read_dbtex_predictions(path), boxes=boxes, labels=labels) for path in runs]
 
 
-def paired_comparisons(config: ExperimentConfig, dbt_cache: Path) -> list[dict]:
-    """Each method minus each paired baseline, per train ratio, from the runs' saved predictions."""
-    cache = SliceCache(dbt_cache)
+def ground_truth(config: ExperimentConfig, dbt_cache: Path | None = None) -> tuple[dict, dict]:
+    """The scorer's boxes and labels tables of the experiment's evaluation split, from its DBT cache."""
+    cache = SliceCache(dbt_cache or cache_paths(config)[0])
     try:
-        truth = dbtex_ground_truth(cache, config.split)
+        return dbtex_ground_truth(cache, config.split)
     finally:
         cache.close()
+
+
+def paired_comparisons(config: ExperimentConfig, dbt_cache: Path) -> list[dict]:
+    """Each method minus each paired baseline, per train ratio, from the runs' saved predictions."""
+    truth = ground_truth(config, dbt_cache)
     baselines = [b for b in config.paired_baselines if b in config.methods]
     patients = len(np.unique(truth[1]["PatientID"].astype(str)))
     rows = []
