@@ -149,19 +149,21 @@ def bench_preprocess(root: Path, work: Path, rounds: int) -> dict:
     return results
 
 
-def bench_predict(root: Path, work: Path) -> dict:
-    """`comoto predict` with the default model (random weights: the speed and memory do not depend on them)."""
+def bench_predict(root: Path, work: Path, input_slices: int = 1) -> dict:
+    """`comoto predict` with the default model (random weights: the speed and memory do not depend on them), or
+    with it taking ``input_slices`` slices (2.5-D)."""
     import torch
 
     from comoto_cli.config import ModelConfig
     from comoto_cli.networks.checkpoint import save_checkpoint
     from comoto_cli.networks.detector import build_detector
 
-    checkpoint = work / "default.pt"
+    checkpoint = work / ("default.pt" if input_slices == 1 else f"default-{input_slices}-slices.pt")
     if not checkpoint.is_file():
         torch.manual_seed(0)
-        model = build_detector(ModelConfig(), (HEIGHT, WIDTH))
-        save_checkpoint(checkpoint, model_state=model.state_dict(), model_config=ModelConfig(),
+        config = ModelConfig(input_slices=input_slices)
+        model = build_detector(config, (HEIGHT, WIDTH))
+        save_checkpoint(checkpoint, model_state=model.state_dict(), model_config=config,
                         image_size=(HEIGHT, WIDTH), metadata={"note": "bench-full: untrained default model"})
     volume = _volume(root, SPECS[3])
     predict = ["import sys; from comoto_cli.cli import main; main(sys.argv[1:])", "predict", str(volume),
@@ -280,6 +282,22 @@ def lskd_loaders(caches: dict[int, Path], cores: int, rounds: int) -> dict[str, 
     return rates
 
 
+def bench_input_slices(root: Path, work: Path, rounds: int) -> dict:
+    """2.5-D at real size: the preprocess worker on a lesion training volume storing its lesion slice alone or with
+    one context slice each side, and `comoto predict` with the default model taking 1 or 3 slices."""
+    volume = _volume(root, SPECS[0])
+    frames = {"lesion slice": [30], "with context_slices 1": [29, 30, 31]}
+    runs: dict[str, list[dict]] = {name: [] for name in frames}
+    for _ in range(rounds):
+        for name, wanted in frames.items():  # interleaved
+            runs[name].append(_run_child("preprocess", str(volume), SPECS[0].view, wanted, "auto",
+                                         str(work / "input-slices.part.h5")))
+    preprocess = {name: {"seconds": statistics.median(r["seconds"] for r in values),
+                         "peak_rss_mib": max(r["peak_rss_mib"] for r in values)} for name, values in runs.items()}
+    return {"preprocess_train_lesion": preprocess,
+            "predict": {str(slices): bench_predict(root, work, slices) for slices in (1, 3)}}
+
+
 def bench_geometry(root: Path, work: Path, rounds: int) -> dict:
     """The preprocess worker with ``breast-crop`` against ``stretch`` (one more frame decoded for the breast box, the
     thumbnail and its labelling), on the lesion training volume (1 frame kept) and on a validation volume (every
@@ -377,6 +395,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("bench_data/full"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--input-slices-only", action="store_true",
+                        help="only 2.5-D against 2-D in preprocess and predict (benchmarks/results-input-slices.json)")
     parser.add_argument("--loader-only", action="store_true",
                         help="only the training loader; its section of an existing results file is replaced")
     parser.add_argument("--geometry-only", action="store_true",
@@ -393,6 +413,11 @@ def main() -> None:
         result = {"machine": machine(), "geometry": bench_geometry(root, work, args.rounds)}
         Path("benchmarks/results-geometry.json").write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result["geometry"], indent=2))
+        return
+    if args.input_slices_only:
+        result = {"machine": machine(), "input_slices": bench_input_slices(root, work, args.rounds)}
+        Path("benchmarks/results-input-slices.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result["input_slices"], indent=2))
         return
     if args.loader_only:
         results = json.loads(args.out.read_text())
