@@ -299,9 +299,15 @@ class ModelConfig(StrictModel):
         "A one-channel image (a mammogram: the teacher's batches) is given to every channel")
     distill_feature: str = Field(
         "backbone",
-        description="feature map for ImPA / distillation: 'backbone' (last ResNet stage, as the reference) or an FPN "
-        "level name such as 'fpn0'",
+        description="feature map for ImPA / distillation: 'backbone' (last ResNet stage, as the reference), an FPN "
+        "level name such as 'fpn0', or 'auto': the coarsest map on which the median training lesion spans at least "
+        "distill_min_cells cells per axis (chosen from the caches' training boxes when training starts, and recorded "
+        "in the checkpoint)",
     )
+    distill_min_cells: float = Field(
+        2.0, gt=0.0, le=64.0,
+        description="with distill_feature 'auto': cells per axis the median training lesion must span on the chosen "
+        "map (the reference's lesions span about 1.5-4 cells of its stride-32 map)")
     weights: Path | None = Field(None, description="optional user-supplied weights file (state dict, weights_only)")
     matcher: Literal["atss", "iou"] = Field(
         "atss", description="anchor matching: atss (MONAI's ATSS, 4 candidates per level), or iou (an anchor is a "
@@ -353,7 +359,7 @@ class ModelConfig(StrictModel):
             if len(self.returned_layers) != 1:
                 raise ValueError("model.fpn false: the heads read one ResNet stage; set returned_layers to one, "
                                  "e.g. [4]")
-            if self.distill_feature != "backbone":
+            if self.distill_feature not in ("backbone", "auto"):
                 raise ValueError("model.fpn false: there are no FPN levels; distill_feature must be 'backbone'")
         return self
 
@@ -533,8 +539,14 @@ class ExperimentConfig(StrictModel):
     """`comoto experiment`: the paper's comparison (DBT only, pretraining, image-level KD, LsKD, LsKD + ImPA) at
     several training ratios and seeds, on one dataset, with one shared teacher per ImPA setting."""
 
-    # A method is a distillation mode, or MODE+impa: the mode with the teacher trained with ImPA.
+    # A method is a distillation mode, or MODE+impa: the mode with the teacher trained with ImPA; either may end in
+    # :VARIANT, one of `variants`.
     IMPA_SUFFIX: ClassVar[str] = "+impa"
+    VARIANT_SEPARATOR: ClassVar[str] = ":"
+    # What a variant may not change: the experiment sets these per run, and the student's architecture is the
+    # teacher's.
+    RUN_FIELDS: ClassVar[tuple[str, ...]] = ("cache", "out", "teacher", "teacher_cache", "mode", "train_ratio", "seed",
+                                             "model")
 
     out: Path = Field(Path("runs/experiment"), description="experiment folder (resumable: finished runs are kept)")
     synth: SynthConfig | None = Field(
@@ -557,6 +569,13 @@ class ExperimentConfig(StrictModel):
     paired_baselines: list[str] = Field(
         ["none", "pretrain"], description="every other method is compared with each of these (those among methods): "
         "paired difference over seeds with a paired patient-bootstrap interval")
+    same_teacher_baseline: str | None = Field(
+        None, description="a mode (e.g. pretrain): every method that distils, or has a variant, is also compared with "
+        "this mode started from the same teacher (MODE+impa for a method whose teacher was trained with ImPA), so "
+        "that the teacher's and the distillation's contributions are not confounded")
+    variants: dict[str, dict[str, Any]] = Field(
+        {}, description="named changes to the student's settings, for methods written MODE[+impa]:NAME, e.g. "
+        "{\"alpha0\": {\"alpha\": 0}} (the distillation term at weight 0: the noise floor of a comparison)")
     paired_bootstrap: int = Field(1000, ge=0, description="paired patient-bootstrap resamples per comparison")
     power_goal: float = Field(
         0.025, gt=0.0, lt=1.0, description="paired half-width wanted: each comparison also reports the test patients "
@@ -594,8 +613,24 @@ class ExperimentConfig(StrictModel):
     @classmethod
     def _registered_methods(cls, methods: list[str]) -> list[str]:
         for method in methods:
-            DistillConfig.check_mode(method.removesuffix(cls.IMPA_SUFFIX))
+            DistillConfig.check_mode(method.partition(cls.VARIANT_SEPARATOR)[0].removesuffix(cls.IMPA_SUFFIX))
         return methods
+
+    @model_validator(mode="after")
+    def _known_variants(self) -> ExperimentConfig:
+        for method in self.methods:
+            variant = method.partition(self.VARIANT_SEPARATOR)[2]
+            if variant and variant not in self.variants:
+                raise ValueError(f"methods: {method!r}: no variant {variant!r} in variants")
+        if self.same_teacher_baseline is not None:
+            DistillConfig.check_mode(self.same_teacher_baseline)
+        for name, change in self.variants.items():
+            if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name):
+                raise ValueError(f"variants: {name!r}: lower-case letters, digits, '_' and '-' only")
+            fixed = sorted(set(change) & set(self.RUN_FIELDS))
+            if fixed:
+                raise ValueError(f"variants: {name!r} changes {', '.join(fixed)}, which the experiment sets per run")
+        return self
 
 
 COMMAND_MODELS: dict[str, type[StrictModel]] = {

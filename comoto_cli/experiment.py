@@ -29,12 +29,14 @@ import numpy as np
 from comoto_cli.cache.h5cache import SliceCache
 from comoto_cli.config import DistillConfig, EvaluateConfig, ExperimentConfig, TeacherConfig
 from comoto_cli.data.tables import read_dbtex_predictions
+from comoto_cli.engine.diagnostics import describe_choice, resolve_distill_feature
 from comoto_cli.engine.distill import check_distill_config, run_distill
 from comoto_cli.engine.modes import DistillMode, get_mode
 from comoto_cli.engine.teacher import check_teacher_config, run_train_teacher
 from comoto_cli.errors import UsageError
 from comoto_cli.evaluation.evaluate_checkpoint import dbtex_ground_truth, evaluate_checkpoint
 from comoto_cli.metrics.dbtex import DbtexTables, paired_difference
+from comoto_cli.networks.backbone import AUTO_FEATURE
 from comoto_cli.preprocess.pipeline import preprocess
 from comoto_cli.synth import generate_dataset
 from comoto_cli.utils.atomic import atomic_path, ensure_writable_dir, write_json_atomic, write_text_atomic
@@ -47,20 +49,41 @@ _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 COMOTO_METHOD = "lesion" + ExperimentConfig.IMPA_SUFFIX
 
 
+def method_variant(method: str) -> str | None:
+    """The variant a method names after ``:`` (ExperimentConfig.variants), or None."""
+    return method.partition(ExperimentConfig.VARIANT_SEPARATOR)[2] or None
+
+
 def method_mode(method: str) -> tuple[DistillMode, bool]:
     """The distillation mode of ``method`` and whether its teacher is trained with ImPA."""
-    impa = method.endswith(ExperimentConfig.IMPA_SUFFIX)
-    mode = get_mode(method.removesuffix(ExperimentConfig.IMPA_SUFFIX))
+    base = method.partition(ExperimentConfig.VARIANT_SEPARATOR)[0]
+    impa = base.endswith(ExperimentConfig.IMPA_SUFFIX)
+    mode = get_mode(base.removesuffix(ExperimentConfig.IMPA_SUFFIX))
     if impa and not mode.needs_teacher:
         raise UsageError(f"methods: {method!r}: mode {mode.name} uses no teacher, so none trained with ImPA")
     return mode, impa
 
 
 def method_label(method: str) -> str:
-    """The method's name in the table and the plot: the mode's label, "+ ImPA" for an ImPA teacher."""
+    """The method's name in the table and the plot: the mode's label, "+ ImPA" for an ImPA teacher, the variant in
+    brackets."""
     mode, impa = method_mode(method)
     label = f"{mode.label} + ImPA" if impa else mode.label
-    return f"{label} (CoMoTo)" if method == COMOTO_METHOD else label
+    label = f"{label} (CoMoTo)" if method == COMOTO_METHOD else label
+    variant = method_variant(method)
+    return f"{label} [{variant}]" if variant else label
+
+
+def same_teacher_baseline(config: ExperimentConfig, method: str) -> str | None:
+    """The method that ``method`` is paired with under ``same_teacher_baseline``: that mode from the same teacher,
+    for a method that distils or has a variant; None when there is none among the methods."""
+    if config.same_teacher_baseline is None:
+        return None
+    mode, impa = method_mode(method)
+    if not (mode.needs_teacher_cache or method_variant(method)):
+        return None
+    baseline = config.same_teacher_baseline + (ExperimentConfig.IMPA_SUFFIX if impa else "")
+    return baseline if baseline in config.methods and baseline != method else None
 
 
 def seed_interval(values: list[float]) -> tuple[float, float, float]:
@@ -100,6 +123,28 @@ def _prepare_data(config: ExperimentConfig, console) -> tuple[Path, Path]:
     return dbt_cache, mammo_cache
 
 
+def with_resolved_maps(config: ExperimentConfig, dbt_cache: Path, mammo_cache: Path, console) -> ExperimentConfig:
+    """``config`` with ``distill_feature: auto`` of the teacher and the student replaced by one map, chosen once from
+    the training lesions of both caches (the student distils on its teacher's map); the choice in
+    ``distill_map.json``."""
+    teacher, student = config.teacher.model, config.student.model
+    if AUTO_FEATURE not in (teacher.distill_feature, student.distill_feature):
+        return config
+    caches = [SliceCache(dbt_cache), SliceCache(mammo_cache)]
+    try:
+        sources = [(cache, cache.slices_in_split("train")) for cache in caches]
+        teacher, teacher_choice = resolve_distill_feature(teacher, sources)
+        student, student_choice = resolve_distill_feature(student, sources)
+    finally:
+        for cache in caches:
+            cache.close()
+    choice = teacher_choice or student_choice
+    _say(console, f"experiment: {describe_choice(choice)}, over the training lesions of both caches")
+    write_json_atomic(config.out / "distill_map.json", choice)
+    return config.model_copy(update={"teacher": config.teacher.model_copy(update={"model": teacher}),
+                                     "student": config.student.model_copy(update={"model": student})})
+
+
 def _teacher_run(config: ExperimentConfig, impa: bool) -> Path:
     return config.out / "teachers" / ("impa" if impa else "plain")
 
@@ -124,7 +169,7 @@ def _train_teacher(config: ExperimentConfig, mammo_cache: Path, impa: bool, cons
 
 
 def _run_name(method: str, ratio: float, seed: int) -> str:
-    return f"{method.replace('+', '-')}_r{ratio:g}_s{seed}"
+    return f"{method.replace('+', '-').replace(ExperimentConfig.VARIANT_SEPARATOR, '_')}_r{ratio:g}_s{seed}"
 
 
 def run_folder(config: ExperimentConfig, method: str, ratio: float, seed: int) -> Path:
@@ -136,7 +181,8 @@ def _student_config(config: ExperimentConfig, method: str, ratio: float, seed: i
     mode, impa = method_mode(method)
     payload = {**config.student.model_dump(mode="json"), "cache": str(dbt_cache),
                "out": str(run_folder(config, method, ratio, seed)), "mode": mode.name,
-               "train_ratio": ratio, "seed": seed, "val_inference": config.inference.model_dump(mode="json")}
+               "train_ratio": ratio, "seed": seed, "val_inference": config.inference.model_dump(mode="json"),
+               **config.variants.get(method_variant(method) or "", {})}
     if mode.needs_teacher:
         payload["teacher"] = str(_teacher_run(config, impa) / "best.pt")
         payload["teacher_cache"] = str(mammo_cache)
@@ -277,26 +323,36 @@ def ground_truth(config: ExperimentConfig, dbt_cache: Path | None = None) -> tup
 def paired_comparisons(config: ExperimentConfig, dbt_cache: Path) -> list[dict]:
     """Each method minus each paired baseline, per train ratio, from the runs' saved predictions."""
     truth = ground_truth(config, dbt_cache)
-    baselines = [b for b in config.paired_baselines if b in config.methods]
     patients = len(np.unique(truth[1]["PatientID"].astype(str)))
     rows = []
     for ratio in config.train_ratios:
         tables = {m: _run_tables(config, m, ratio, config.seeds, truth) for m in config.methods}
-        for baseline in baselines:
-            for method in config.methods:
-                if method in (baseline, *baselines[:baselines.index(baseline)]):
-                    continue  # itself, and a baseline already compared with the earlier baseline
-                result = paired_difference(tables[method], tables[baseline], config.paired_bootstrap, seed=0)
-                rows.append({"train_ratio": ratio, "method": method, "label": method_label(method),
-                             "baseline": baseline, "baseline_label": method_label(baseline), "seeds": len(config.seeds),
-                             "difference": result.mean, "ci95_low": result.low, "ci95_high": result.high,
-                             "half_width": result.half_width, "resolved": result.resolved,
-                             "per_seed": " / ".join(f"{d:+.3f}" for d in result.per_seed),
-                             "seed_half_width": seed_half_width(result.per_seed), "test_patients": patients,
-                             "patients_for_goal": patients_for_half_width(result.half_width, patients,
-                                                                          config.power_goal),
-                             "resamples": result.resamples})
+        for method, baseline in comparisons(config):
+            result = paired_difference(tables[method], tables[baseline], config.paired_bootstrap, seed=0)
+            rows.append({"train_ratio": ratio, "method": method, "label": method_label(method),
+                         "baseline": baseline, "baseline_label": method_label(baseline), "seeds": len(config.seeds),
+                         "difference": result.mean, "ci95_low": result.low, "ci95_high": result.high,
+                         "half_width": result.half_width, "resolved": result.resolved,
+                         "two_level_low": result.two_level_low, "two_level_high": result.two_level_high,
+                         "two_level_half_width": result.two_level_half_width,
+                         "two_level_resolved": result.two_level_resolved,
+                         "per_seed": " / ".join(f"{d:+.3f}" for d in result.per_seed),
+                         "seed_half_width": seed_half_width(result.per_seed), "test_patients": patients,
+                         "patients_for_goal": patients_for_half_width(result.half_width, patients,
+                                                                      config.power_goal),
+                         "resamples": result.resamples})
     return rows
+
+
+def comparisons(config: ExperimentConfig) -> list[tuple[str, str]]:
+    """(method, baseline) pairs: each method against each of ``paired_baselines`` (a baseline against an earlier
+    one only), then each against its same-teacher baseline; each pair once."""
+    baselines = [b for b in config.paired_baselines if b in config.methods]
+    pairs = [(method, baseline) for baseline in baselines for method in config.methods
+             if method not in (baseline, *baselines[:baselines.index(baseline)])]
+    pairs += [(method, same_teacher_baseline(config, method)) for method in config.methods
+              if same_teacher_baseline(config, method) is not None]
+    return list(dict.fromkeys(pairs))
 
 
 def seed_half_width(values) -> float:
@@ -326,17 +382,19 @@ def _paired_markdown(rows: list[dict], config: ExperimentConfig) -> str:
         f"interval excludes 0. Power: the test has {rows[0]['test_patients']} patients; 'patients for "
         f"+-{config.power_goal:g}' scales the half-width as 1/sqrt(patients) (a projection, same seeds); 'seed "
         "half-width' is the 95 % t-interval of the per-seed differences, the training randomness the bootstrap does "
-        "not hold.", "",
-        f"| train ratio | method | minus | difference | 95 % CI (paired) | half-width | resolved | per seed | "
-        f"seed half-width | patients for +-{config.power_goal:g} |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "not hold. 'Seeds x patients' is the two-level bootstrap: each resample draws the seeds and the test patients "
+        "with replacement, so its interval holds both sources of variation; it is the headline interval.", "",
+        f"| train ratio | method | minus | difference | 95 % CI (seeds x patients) | half-width | resolved | "
+        f"95 % CI (patients) | per seed | seed half-width | patients for +-{config.power_goal:g} |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         needed = row.get("patients_for_goal")
         lines.append(f"| {row['train_ratio']:g} | {row['label']} | {row['baseline_label']} | {row['difference']:+.3f} | "
-                     f"{row['ci95_low']:+.3f} to {row['ci95_high']:+.3f} | {row['half_width']:.3f} | "
-                     f"{'yes' if row['resolved'] else 'no'} | {row['per_seed']} | {row['seed_half_width']:.3f} | "
-                     f"{'-' if needed is None else needed} |")
+                     f"{row['two_level_low']:+.3f} to {row['two_level_high']:+.3f} | "
+                     f"{row['two_level_half_width']:.3f} | {'yes' if row['two_level_resolved'] else 'no'} | "
+                     f"{row['ci95_low']:+.3f} to {row['ci95_high']:+.3f} | {row['per_seed']} | "
+                     f"{row['seed_half_width']:.3f} | {'-' if needed is None else needed} |")
     return "\n".join(lines) + "\n"
 
 
@@ -356,12 +414,12 @@ def _plot_paired(path: Path, rows: list[dict], config: ExperimentConfig) -> None
             mine = [row for row in chosen if row["train_ratio"] == ratio]
             y = np.array([methods.index(row["method"]) for row in mine]) + (index - (len(config.train_ratios) - 1) / 2) * 0.25
             x = np.array([row["difference"] for row in mine])
-            error = np.array([[row["difference"] - row["ci95_low"] for row in mine],
-                              [row["ci95_high"] - row["difference"] for row in mine]])
+            error = np.array([[row["difference"] - row["two_level_low"] for row in mine],
+                              [row["two_level_high"] - row["difference"] for row in mine]])
             axis.errorbar(x, y, xerr=np.clip(error, 0, None), fmt="o", capsize=3, label=f"train ratio {ratio:g}")
         axis.axvline(0, color="black", linewidth=0.8)
         axis.set_yticks(range(len(methods)), [method_label(m) for m in methods], fontsize=8)
-        axis.set_xlabel("difference in mean sensitivity (paired 95 % CI)")
+        axis.set_xlabel("difference in mean sensitivity (95 % CI over seeds x patients)")
         axis.set_title(f"minus {method_label(baseline)}", fontsize=10)
         axis.grid(True, axis="x", alpha=0.3)
         axis.legend(fontsize=8)
@@ -379,6 +437,7 @@ def run_experiment(config: ExperimentConfig, console=None) -> list[dict]:
     ensure_writable_dir(config.out)
     write_json_atomic(config.out / "experiment.json", config.model_dump(mode="json"))
     dbt_cache, mammo_cache = _prepare_data(config, console)
+    config = with_resolved_maps(config, dbt_cache, mammo_cache, console)
     for impa in teachers:
         _train_teacher(config, mammo_cache, impa=impa, console=console)
     records = []

@@ -72,6 +72,14 @@ def _point_indices(scaled: Tensor, height: int, width: int, num_points: int) -> 
     return rows, cols
 
 
+def point_cells(boxes: Tensor, map_shape: tuple[int, int], image_width: int, num_points: int) -> tuple[Tensor, Tensor]:
+    """(rows (P, k), cols (P, k)): the map cells :func:`lesion_points` reads for k boxes (xyxy input pixels) on an
+    (h, w) map of an image ``image_width`` pixels wide: the same scale, truncation and clamping."""
+    height, width = map_shape
+    scaled = _scaled_boxes(boxes.reshape(-1, 4), width / float(image_width))
+    return _point_indices(scaled, height, width, num_points)
+
+
 def lesion_points(
     features: Tensor,
     boxes: list[Tensor],
@@ -102,14 +110,13 @@ def lesion_points(
             f"and {len(boxes)} box tensors"
         )
     _, channels, height, width = features.shape
-    scale = _scale(features, image_size)
     per_image = []
     for sample, sample_boxes in zip(features, boxes):
         if sample_boxes.numel() == 0:
             per_image.append(sample.new_zeros(channels, num_points))
             continue
-        scaled = _scaled_boxes(sample_boxes.reshape(-1, 4), scale).to(sample.device)
-        rows, cols = _point_indices(scaled, height, width, num_points)
+        rows, cols = (index.to(sample.device)
+                      for index in point_cells(sample_boxes, (height, width), image_size[-1], num_points))
         per_image.append(sample[:, rows, cols].mean(dim=-1))  # (C, P, k) -> mean over boxes
     points = torch.stack(per_image)
     if return_mask:
@@ -271,4 +278,5 @@ __all__ = [
     "lesion_kd_loss",
     "lesion_points",
     "masked_batch_mean",
+    "point_cells",
 ]

@@ -130,3 +130,37 @@ def test_plot_marks_every_seed(tmp_path, monkeypatch):
     assert len(dots) == len(records)
     assert sorted(y for _, y in dots) == pytest.approx(sorted(r["mean_sensitivity_positive"] for r in records))
     assert (tmp_path / "results.png").stat().st_size > 0
+
+
+def test_each_distilling_method_is_paired_with_pretraining_from_its_own_teacher(tmp_path):
+    from comoto_cli.experiment import comparisons, run_folder
+
+    config = ExperimentConfig.model_validate({
+        "out": str(tmp_path), "seeds": [0], "train_ratios": [0.1], "paired_baselines": ["pretrain"],
+        "same_teacher_baseline": "pretrain", "variants": {"alpha0": {"alpha": 0}},
+        "methods": ["pretrain", "pretrain+impa", "lesion", "lesion+impa", "lesion+impa:alpha0"]})
+    pairs = comparisons(config)
+    assert ("lesion+impa", "pretrain+impa") in pairs and ("lesion", "pretrain") in pairs
+    assert ("lesion+impa:alpha0", "pretrain+impa") in pairs
+    assert ("pretrain+impa", "pretrain") in pairs  # ImPA's own contribution, through paired_baselines
+    assert ("pretrain+impa", "pretrain+impa") not in pairs and len(pairs) == len(set(pairs))
+    # The variant reaches its run's config, its folder and its label; the teacher stays the ImPA one.
+    from comoto_cli.experiment import _student_config
+
+    student = _student_config(config, "lesion+impa:alpha0", 0.1, 0, tmp_path / "d.h5", tmp_path / "m.h5")
+    assert student.alpha == 0 and student.mode == "lesion" and student.teacher.parent.name == "impa"
+    assert run_folder(config, "lesion+impa:alpha0", 0.1, 0).name == "lesion-impa_alpha0_r0.1_s0"
+    assert method_label("lesion+impa:alpha0") == "LsKD + ImPA [alpha0]"  # with the KD term off it is not CoMoTo
+
+
+@pytest.mark.parametrize(("changes", "fragment"), [
+    ({"methods": ["lesion:nope"]}, "no variant 'nope'"),
+    ({"variants": {"bad": {"model": {}}}}, "changes model, which the experiment sets"),
+    ({"variants": {"Bad!": {"alpha": 1}}}, "lower-case"),
+    ({"same_teacher_baseline": "pretrainn"}, "pretrain"),
+])
+def test_bad_variants_are_refused_when_the_config_is_read(tmp_path, changes, fragment):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=fragment):
+        ExperimentConfig.model_validate({"out": str(tmp_path), **changes})

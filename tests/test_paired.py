@@ -70,3 +70,22 @@ def test_runs_on_different_patients_cannot_be_paired():
         paired_difference([a], [b], n=10, seed=0)
     with pytest.raises(ValueError, match="differ in number"):
         paired_difference([a, a], [a], n=10, seed=0)
+
+
+def test_the_two_level_interval_holds_the_seeds_spread():
+    """Seeds that disagree (A far better on one seed, worse on another) widen the seeds x patients interval past the
+    patient-only one; with one seed the two are the same draws."""
+    rng = np.random.default_rng(2)
+    shared = rng.random((3, PATIENTS)) < 0.5
+    runs_b = [_tables(shared[s], np.random.default_rng(20 + s)) for s in range(3)]
+    found_a = [shared[0] | (rng.random(PATIENTS) < 0.6), shared[1] & (rng.random(PATIENTS) < 0.6), shared[2]]
+    runs_a = [_tables(found_a[s], np.random.default_rng(20 + s)) for s in range(3)]
+    result = paired_difference(runs_a, runs_b, n=300, seed=0)
+    assert result.two_level_half_width > 1.5 * result.half_width
+    assert result.two_level_low <= result.mean <= result.two_level_high
+    assert min(result.per_seed) < 0 < max(result.per_seed)
+    single = paired_difference(runs_a[:1], runs_b[:1], n=200, seed=0)
+    assert (single.two_level_low, single.two_level_high) == (single.low, single.high)
+    # The seed draws have their own stream: the patient-only interval is that of a bootstrap without them.
+    again = paired_difference(runs_a, runs_b, n=300, seed=0)
+    assert (again.low, again.high, again.two_level_low) == (result.low, result.high, result.two_level_low)

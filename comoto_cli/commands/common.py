@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 from rich.console import Console
 
-from comoto_cli.config import load_config
+from comoto_cli.config import ModelConfig, load_config
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -25,3 +25,7 @@ def resolve_config(model: type[M], config_file: Path | None, **flags: Any) -> M:
     ``optim__lr=0.1`` sets ``optim.lr``."""
     overrides = {key.replace("__", "."): value for key, value in flags.items()}
     return load_config(model, config_file, overrides)
+
+# The Field's own text: one home for what the option means.
+_DISTILL_FEATURE = ModelConfig.model_fields["distill_feature"].description
+DISTILL_FEATURE_HELP = _DISTILL_FEATURE[0].upper() + _DISTILL_FEATURE[1:] + "."

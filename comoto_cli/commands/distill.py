@@ -8,7 +8,14 @@ from pathlib import Path
 
 import typer
 
-from comoto_cli.commands.common import CONFIG_OPTION_HELP, NUM_WORKERS_HELP, VAL_EVERY_HELP, console, resolve_config
+from comoto_cli.commands.common import (
+    CONFIG_OPTION_HELP,
+    DISTILL_FEATURE_HELP,
+    NUM_WORKERS_HELP,
+    VAL_EVERY_HELP,
+    console,
+    resolve_config,
+)
 from comoto_cli.config import DistillConfig
 from comoto_cli.engine.modes import modes_help  # no torch: the help stays fast
 
@@ -34,6 +41,7 @@ def distill(
     seed: int | None = typer.Option(None, "--seed", help="Random seed (also picks the train-ratio subset)."),
     num_workers: int | None = typer.Option(None, "--num-workers", help=NUM_WORKERS_HELP),
     val_every: int | None = typer.Option(None, "--val-every", help=VAL_EVERY_HELP),
+    distill_feature: str | None = typer.Option(None, "--distill-feature", help=DISTILL_FEATURE_HELP),
 ) -> None:
     """Train the DBT student: LsKD from a mammography teacher, or a baseline; best.pt by DBTex mean sensitivity."""
     from comoto_cli.engine.distill import run_distill
@@ -42,5 +50,6 @@ def distill(
         DistillConfig, config_file, cache=cache, teacher=teacher, teacher_cache=teacher_cache, out=out, mode=mode,
         train_ratio=train_ratio, epochs=epochs, batch_size=batch_size, optim__lr=lr, alpha=alpha,
         temperature=temperature, num_points=num_points, seed=seed, num_workers=num_workers, val_every=val_every,
+        model__distill_feature=distill_feature,
     )
     run_distill(config, resume=resume, console=console)

@@ -13,7 +13,14 @@ from pathlib import Path
 
 import typer
 
-from comoto_cli.commands.common import CONFIG_OPTION_HELP, NUM_WORKERS_HELP, VAL_EVERY_HELP, console, resolve_config
+from comoto_cli.commands.common import (
+    CONFIG_OPTION_HELP,
+    DISTILL_FEATURE_HELP,
+    NUM_WORKERS_HELP,
+    VAL_EVERY_HELP,
+    console,
+    resolve_config,
+)
 from comoto_cli.config import TeacherConfig
 from comoto_cli.networks.backbones import backbones_help  # no torch: the help stays fast
 
@@ -31,11 +38,13 @@ def train_teacher(
     backbone: str | None = typer.Option(None, "--backbone", help=f"Feature extractor: {backbones_help()}."),
     num_workers: int | None = typer.Option(None, "--num-workers", help=NUM_WORKERS_HELP),
     val_every: int | None = typer.Option(None, "--val-every", help=VAL_EVERY_HELP),
+    distill_feature: str | None = typer.Option(None, "--distill-feature", help=DISTILL_FEATURE_HELP),
 ) -> None:
     """Train the mammography teacher (RetinaNet, ImPA by default); best.pt by validation mean sensitivity."""
     config = resolve_config(
         TeacherConfig, config_file, cache=cache, out=out, impa=impa, epochs=epochs, batch_size=batch_size,
         optim__lr=lr, seed=seed, model__backbone=backbone, num_workers=num_workers, val_every=val_every,
+        model__distill_feature=distill_feature,
     )
     from comoto_cli.engine.teacher import run_train_teacher
 

@@ -30,6 +30,16 @@ from comoto_cli.cache import SliceCache
 from comoto_cli.config import DistillConfig, InferenceConfig, ModelConfig
 from comoto_cli.data.datasets import DetectionDataset, infinite_batches, move_batch
 from comoto_cli.engine import distributed
+from comoto_cli.engine.diagnostics import (
+    DistillDiagnostics,
+    coarse_map_warning,
+    describe_choice,
+    describe_diagnostics,
+    map_facts,
+    resolve_distill_feature,
+    shorter_sides,
+    training_boxes,
+)
 from comoto_cli.engine.modes import DistillMode, ModeSetup, get_mode
 from comoto_cli.engine.trainer import LAST_CHECKPOINT, seed_everything, train
 from comoto_cli.errors import UsageError
@@ -45,7 +55,7 @@ from comoto_cli.losses import (
     masked_batch_mean,
 )
 from comoto_cli.metrics.registry import compute_metrics, metric_names
-from comoto_cli.networks.backbone import fit_first_conv
+from comoto_cli.networks.backbone import AUTO_FEATURE, cells_per_axis, fit_first_conv
 from comoto_cli.networks.checkpoint import load_detector
 from comoto_cli.networks.detector import build_detector
 from comoto_cli.utils.atomic import ensure_writable_dir, sha256_file, write_json_atomic
@@ -103,17 +113,26 @@ def make_volume_val_fn(cache, inference: InferenceConfig, split: str = "val"):
     return val_fn
 
 
-def make_lesion_kd_loss(config: DistillConfig, teacher, teacher_batches, student_size, teacher_size):
-    """The trainer's ``extra_loss`` for LsKD: ``{"lskd": ...}``; ``{}`` before ``distill_start_epoch`` or for a
-    DBT batch without lesions (LsKD only distils lesion points)."""
+def _observe(diagnostics, ctx, losses: dict, kd=None, teacher=None) -> None:
+    """Report one step to the run's :class:`DistillDiagnostics` (none in library use without it)."""
+    if diagnostics is not None:
+        detection = sum(losses.values()) if kd is not None else None
+        diagnostics.observe_step(ctx.epoch, kd, detection, teacher)
 
-    def lskd(batch, losses, features, ctx):
+
+def make_lesion_kd_loss(config: DistillConfig, teacher, teacher_batches, student_size, teacher_size,
+                        diagnostics=None):
+    """The trainer's ``extra_loss`` for LsKD: ``{"lskd": ...}``; ``{}`` before ``distill_start_epoch`` or for a
+    DBT batch without lesions (LsKD only distils lesion points). Every step is reported to ``diagnostics``."""
+
+    def kd_and_target(batch, features, ctx):
+        """(the KD term, the teacher's (C, P) points), or (None, None) on a step without lesion points."""
         if ctx.epoch < config.distill_start_epoch:
-            return {}
+            return None, None
         student_boxes = [target["boxes"] for target in batch["targets"]]
         student_mask = has_boxes(student_boxes)
         if not bool(student_mask.any()):
-            return {}
+            return None, None
         mammo = move_batch(next(teacher_batches), ctx.device)
         teacher_boxes = [target["boxes"] for target in mammo["targets"]]
         with torch.no_grad():
@@ -121,27 +140,34 @@ def make_lesion_kd_loss(config: DistillConfig, teacher, teacher_batches, student
             teacher_points = masked_batch_mean(
                 lesion_points(teacher_map, teacher_boxes, teacher_size, config.num_points), has_boxes(teacher_boxes))
         if teacher_points is None:
-            return {}
+            return None, None
         student_points = masked_batch_mean(
             lesion_points(features.float(), student_boxes, student_size, config.num_points), student_mask)
         projected = ctx.extra_modules["projection"](student_points)
-        return {"lskd": lesion_kd_loss(projected, teacher_points, config.alpha, config.temperature)}
+        return lesion_kd_loss(projected, teacher_points, config.alpha, config.temperature), teacher_points
+
+    def lskd(batch, losses, features, ctx):
+        kd, target = kd_and_target(batch, features, ctx)
+        _observe(diagnostics, ctx, losses, kd, target)
+        return {} if kd is None else {"lskd": kd}
 
     return lskd
 
 
-def make_image_kd_loss(config: DistillConfig, teacher, teacher_batches):
+def make_image_kd_loss(config: DistillConfig, teacher, teacher_batches, diagnostics=None):
     """The trainer's ``extra_loss`` for the image-level KD baseline: ``{"image_kd": ...}``."""
 
     def image_kd(batch, losses, features, ctx):
         if ctx.epoch < config.distill_start_epoch:
+            _observe(diagnostics, ctx, losses)
             return {}
         mammo = move_batch(next(teacher_batches), ctx.device)
         with torch.no_grad():
             teacher_map = teacher.distill_features(mammo["images"]).float()
         projection = ctx.extra_modules["projection"]
-        return {"image_kd": image_kd_loss(features.float(), teacher_map, projection, config.alpha,
-                                          config.temperature)}
+        kd = image_kd_loss(features.float(), teacher_map, projection, config.alpha, config.temperature)
+        _observe(diagnostics, ctx, losses, kd, teacher_map.flatten(2).mean(dim=0))
+        return {"image_kd": kd}
 
     return image_kd
 
@@ -150,7 +176,7 @@ def build_lesion_kd(setup: ModeSetup):
     """Mode ``lesion``: LsKD's loss and its learnable Linear(P, P) projection."""
     extra_modules = {"projection": PointProjection(setup.config.num_points)}
     return make_lesion_kd_loss(setup.config, setup.teacher, setup.teacher_batches, setup.student_size,
-                               setup.teacher_size), extra_modules
+                               setup.teacher_size, setup.diagnostics), extra_modules
 
 
 def build_image_kd(setup: ModeSetup):
@@ -161,7 +187,7 @@ def build_image_kd(setup: ModeSetup):
         student_shape = setup.model.distill_features(probe).shape
         teacher_shape = setup.teacher.distill_features(torch.zeros(1, 1, *setup.teacher_size).to(setup.device)).shape
     extra_modules = {"projection": image_projection(student_shape, teacher_shape)}
-    return make_image_kd_loss(setup.config, setup.teacher, setup.teacher_batches), extra_modules
+    return make_image_kd_loss(setup.config, setup.teacher, setup.teacher_batches, setup.diagnostics), extra_modules
 
 
 def _student_data(config: DistillConfig):
@@ -181,19 +207,36 @@ def _student_data(config: DistillConfig):
     return cache, rows, kept_patients, train_set, val_fn
 
 
-def _student_and_teacher(config: DistillConfig, mode: DistillMode, student_size: tuple[int, int]):
-    """The student as the mode starts it, the teacher (None when the mode needs none) and its metadata."""
-    teacher, teacher_meta, model_config = None, {}, config.model
+def _student_and_teacher(config: DistillConfig, mode: DistillMode, student_size: tuple[int, int], sources):
+    """The student as the mode starts it, the teacher (None when the mode needs none), its metadata and the
+    ``auto`` map choice (None when the map was named). ``sources``: (cache, training rows) of the DBT cache and, when
+    the mode reads one, the teacher's cache: what ``distill_feature: auto`` sizes the map by."""
+    teacher, teacher_meta = None, {}
     if mode.needs_teacher:  # loaded before the student is built: the order of the seeded initialisations
         teacher, teacher_meta = load_detector(Path(config.teacher), map_location="cpu")
+    own, choice = resolve_distill_feature(config.model, sources)
     if mode.init == "teacher":
         # Student = teacher architecture: "the reference initialises the student from the teacher"; only its input
         # slices are the student's own (a 2.5-D student starts from the 2-D teacher, see fit_first_conv).
+        check_same_map(own, teacher.config, config.model, Path(config.teacher))
         model_config = with_input_slices(teacher.config, config.model.input_slices, Path(config.teacher))
+    else:
+        model_config = own
     model = build_detector(model_config, student_size)
     if mode.init == "teacher":
         model.load_state_dict(fitted_to(teacher.state_dict(), model.state_dict()))
-    return model, teacher, teacher_meta
+    return model, teacher, teacher_meta, choice
+
+
+def check_same_map(student: ModelConfig, teacher: ModelConfig, given: ModelConfig, path: Path) -> None:
+    """A student that names its distillation map (or ``auto``) distils on the teacher's: one usage error if not.
+    A student that leaves the field unset takes the teacher's."""
+    if "distill_feature" not in given.model_fields_set or student.distill_feature == teacher.distill_feature:
+        return
+    named = "auto chose" if given.distill_feature == AUTO_FEATURE else "names"
+    raise UsageError(f"the teacher was trained on the distillation map {teacher.distill_feature!r}, this student's "
+                     f"model.distill_feature {named} {student.distill_feature!r}; train the teacher on the same map "
+                     "or leave the student's unset", path=path)
 
 
 def with_input_slices(model: ModelConfig, slices: int, teacher: Path) -> ModelConfig:
@@ -246,12 +289,13 @@ def _with_teacher_batches(setup: ModeSetup, mode: DistillMode, teacher, env) -> 
     return replace(setup, teacher=teacher, teacher_batches=teacher_batches, teacher_size=teacher_size), info
 
 
-def _mode_extras(config: DistillConfig, mode: DistillMode, model, teacher, student_size, env):
+def _mode_extras(config: DistillConfig, mode: DistillMode, model, teacher, student_size, env, diagnostics=None):
     """The mode's extra loss and modules (None, {} for the detection loss alone) and its teacher-batch metadata."""
     factory = mode.factory()
     if factory is None:
         return None, {}, {}
-    setup, teacher_info = ModeSetup(config=config, model=model, student_size=student_size, device=env.device), {}
+    setup, teacher_info = ModeSetup(config=config, model=model, student_size=student_size, device=env.device,
+                                    diagnostics=diagnostics), {}
     if mode.needs_teacher_cache:
         setup, teacher_info = _with_teacher_batches(setup, mode, teacher, env)
     elif mode.needs_teacher:
@@ -271,13 +315,19 @@ def run_distill(config: DistillConfig, *, resume: bool = False, console=None) ->
                          "or choose another --out")
     cache, rows, kept_patients, train_set, val_fn = _student_data(config)
     student_size = (cache.image_height, cache.image_width)
+    sources = [(cache, rows)]
+    if mode.needs_teacher_cache:
+        mammo = SliceCache(config.teacher_cache)
+        sources.append((mammo, mammo.slices_in_split("train")))
 
     env = distributed.init_distributed()
     try:
         seed_everything(config.seed, config.deterministic)
-        model, teacher, teacher_meta = _student_and_teacher(config, mode, student_size)
+        model, teacher, teacher_meta, choice = _student_and_teacher(config, mode, student_size, sources)
         model.geometry = cache.geometry
-        extra_loss, extra_modules, teacher_info = _mode_extras(config, mode, model, teacher, student_size, env)
+        diagnostics, warning = _diagnostics(config, model, sources)
+        extra_loss, extra_modules, teacher_info = _mode_extras(config, mode, model, teacher, student_size, env,
+                                                               diagnostics)
         metadata = {
             "kind": "student", "modality": "dbt", "mode": config.mode, "cache": str(config.cache),
             "cache_config_hash": str(cache.attrs.get("config_hash", "")), "train_ratio": config.train_ratio,
@@ -285,6 +335,7 @@ def run_distill(config: DistillConfig, *, resume: bool = False, console=None) ->
             "teacher": None if config.teacher is None else str(config.teacher),
             "teacher_sha256": None if config.teacher is None else sha256_file(Path(config.teacher)),
             "teacher_kind": teacher_meta.get("kind"), **teacher_info,
+            "distill_feature_choice": choice, "distill_map": diagnostics.static,
         }
         if env.is_main:
             ensure_writable_dir(out)
@@ -294,14 +345,43 @@ def run_distill(config: DistillConfig, *, resume: bool = False, console=None) ->
                 f"with lesions) from {len(kept_patients)} patients (train_ratio {config.train_ratio}), "
                 f"{len(cache.volumes_in_split('val'))} validation volumes, {student_size[0]}x{student_size[1]}, "
                 f"device {env.device}")
+            for line in (describe_choice(choice) if choice else None, warning):
+                if line:
+                    say(line)
         summary = train(config, model=model, train_set=train_set, val_fn=val_fn, run_dir=out,
                         extra_loss=extra_loss, extra_modules=extra_modules, resume=resume, metadata=metadata,
                         dist_env=env, console=console,
-                        loader_share=2 if teacher_info else 1)  # the teacher batches have a loader of their own
+                        loader_share=2 if teacher_info else 1,  # the teacher batches have a loader of their own
+                        epoch_report=diagnostics.epoch_report)
     finally:
         distributed.cleanup(env)
     if env.is_main:
         best = summary["best_value"]
         say(f"best {summary['best_metric']} = {best if best is None else round(best, 4)} "
             f"(epoch {summary['best_epoch']}); checkpoints in {out}")
+        if summary["history"]:
+            say(describe_diagnostics(summary["history"][-1]["distill_diagnostics"]))
     return summary
+
+
+def _diagnostics(config: DistillConfig, model, sources) -> tuple[DistillDiagnostics, str | None]:
+    """The run's diagnostics (the distilled map against the training lesions, measured once) and the too-coarse
+    warning line, if any."""
+    student_cache, student_rows = sources[0]
+    stride = model.backbone.distill_stride
+    name = model.config.distill_feature
+    size = (student_cache.image_height, student_cache.image_width)
+    static = map_facts(name, stride, size, training_boxes(student_cache, student_rows), config.num_points)
+    if len(sources) > 1:
+        mammo, mammo_rows = sources[1]
+        teacher = map_facts(name, stride, (mammo.image_height, mammo.image_width),
+                            training_boxes(mammo, mammo_rows), config.num_points)
+        static.update({"teacher_map_shape": teacher["map_shape"],
+                       "teacher_cells_per_lesion_median": teacher["cells_per_lesion_median"],
+                       "teacher_cells_per_axis_median": teacher["cells_per_axis_median"]})
+    sides = [shorter_sides(training_boxes(c, r)) for c, r in sources]
+    widths = [c.image_width for c, _ in sources]
+    medians = [float(np.median(cells_per_axis(s, w, stride))) for s, w in zip(sides, widths) if len(s)]
+    warning = coarse_map_warning(name, min(medians), model.config, sides, widths) if medians else None
+    return DistillDiagnostics(static, model, config.temperature), warning
+

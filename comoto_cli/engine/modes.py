@@ -33,6 +33,7 @@ class ModeSetup:
     teacher: Any = None  # the frozen teacher (eval mode, on ``device``) when the mode needs one
     teacher_batches: Iterator[dict] | None = None  # endless unpaired batches of the teacher's cache
     teacher_size: tuple[int, int] | None = None  # teacher cache image (height, width)
+    diagnostics: Any = None  # comoto_cli.engine.diagnostics.DistillDiagnostics: what a KD loss reports per step
 
 
 # ``build(setup) -> (extra_loss, extra_modules)``: the trainer's hooks (comoto_cli.engine.trainer's docstring).

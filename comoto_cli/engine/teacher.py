@@ -14,6 +14,7 @@ from comoto_cli.cache import SliceCache
 from comoto_cli.config import TeacherConfig
 from comoto_cli.data.datasets import DetectionDataset
 from comoto_cli.engine import distributed
+from comoto_cli.engine.diagnostics import describe_choice, resolve_distill_feature
 from comoto_cli.engine.trainer import LAST_CHECKPOINT, seed_everything, train
 from comoto_cli.errors import UsageError
 from comoto_cli.evaluation.validation import make_val_fn
@@ -74,7 +75,8 @@ def run_train_teacher(config: TeacherConfig, *, resume: bool = False, console=No
     env = distributed.init_distributed()
     try:
         seed_everything(config.seed, config.deterministic)
-        model = build_detector(config.model, image_size)
+        model_config, choice = resolve_distill_feature(config.model, [(cache, cache.slices_in_split("train"))])
+        model = build_detector(model_config, image_size)
         model.geometry = cache.geometry
         metadata = {
             "kind": "teacher",
@@ -82,12 +84,15 @@ def run_train_teacher(config: TeacherConfig, *, resume: bool = False, console=No
             "cache": str(config.cache),
             "cache_config_hash": str(cache.attrs.get("config_hash", "")),
             "impa": config.impa,
+            "distill_feature_choice": choice,
         }
         if env.is_main:
             say(f"train-teacher: {len(train_set)} training images ({train_set.num_with_lesions()} with lesions), "
                 f"{len(val_set)} validation images, {image_size[0]}x{image_size[1]}, "
                 f"ImPA {'on' if config.impa else 'off'}, device {env.device}"
                 + (f", {env.world_size} processes" if env.enabled else ""))
+            if choice is not None:
+                say(describe_choice(choice))
         summary = train(
             config, model=model, train_set=train_set, val_fn=make_val_fn(val_set, batch_size=config.val_batch_size,
                                                                     num_workers=config.num_workers),

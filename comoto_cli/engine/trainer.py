@@ -20,6 +20,9 @@ Plug-in points (how ``train-teacher`` and ``distill`` differ without copying the
     Validation metrics of the (unwrapped) detector, in eval mode, called on rank 0 after the epochs
     ``config.val_every`` picks (:func:`resolve_val_every`; always the last); one of its keys is
     ``config.best_metric`` (higher is better, unless the name contains "loss").
+``epoch_report(epoch) -> dict``
+    Called after each epoch's training steps with its 0-based index; its keys join that epoch's metrics.jsonl
+    line (``distill`` adds ``distill_diagnostics``).
 ``metadata``
     Put into every checkpoint's metadata (e.g. ``kind``, the cache's config hash) next to the epoch, the
     epoch's metrics and the history the trainer adds itself.
@@ -417,12 +420,13 @@ def _format_losses(losses: dict[str, float]) -> str:
 
 
 def epoch_record(epoch: int, step: int, lr: float, losses: dict, metrics: dict, run: RunState, is_best: bool,
-                 config: TrainConfig, seconds: dict[str, float]) -> dict:
-    """The epoch's metrics.jsonl line (strict JSON), as also kept in every checkpoint's history."""
+                 config: TrainConfig, seconds: dict[str, float], report: dict | None = None) -> dict:
+    """The epoch's metrics.jsonl line (strict JSON), as also kept in every checkpoint's history; ``report``: the
+    ``epoch_report`` hook's keys."""
     return _jsonable({
         "epoch": epoch + 1, "step": step, "lr": lr, "losses": losses, "val": metrics,
         "best_metric": config.best_metric, "best_value": run.best_value, "best_epoch": run.best_epoch,
-        "is_best": is_best, "time": seconds,
+        "is_best": is_best, "time": seconds, **(report or {}),
     })
 
 
@@ -470,6 +474,7 @@ def train(
     dist_env: distributed.DistEnv | None = None,
     console=None,
     loader_share: int = 1,
+    epoch_report: Callable[[int], dict] | None = None,
 ) -> dict:
     """Train ``model`` on ``train_set`` for ``config.epochs`` epochs (see the module docstring for the hooks).
 
@@ -511,12 +516,13 @@ def train(
             meter, step = train_one_epoch(trainee, loader, epoch=epoch, step=step, config=config, env=env,
                                           progress=progress)
             step_scheduler(trainee.scheduler)
+            report = epoch_report(epoch) if epoch_report is not None else None
             mean_losses = distributed.reduce_mean(meter.sums, meter.counts, env)
             val_start = time.perf_counter()
             metrics, is_best = validate(model, val_fn, run, epoch=epoch, val_every=val_every, config=config, env=env)
             seconds = {"train_s": val_start - epoch_start, "val_s": time.perf_counter() - val_start,
                        "epoch_s": time.perf_counter() - epoch_start}
-            record = epoch_record(epoch, step, lr, mean_losses, metrics, run, is_best, config, seconds)
+            record = epoch_record(epoch, step, lr, mean_losses, metrics, run, is_best, config, seconds, report)
             run.history.append(record)
             if env.is_main:
                 save_state(run_dir, trainee, run, record, is_best=is_best, config=config, env=env, metadata=metadata)

@@ -446,6 +446,10 @@ class PairedDifference:
     high: float
     per_seed: tuple[float, ...]
     resamples: int  # resamples kept (those with lesions)
+    # The two-level bootstrap: each resample also draws the seeds with replacement (the same patient draw), so the
+    # interval holds the training randomness as well as the test patients'.
+    two_level_low: float = float("nan")
+    two_level_high: float = float("nan")
 
     @property
     def half_width(self) -> float:
@@ -455,6 +459,14 @@ class PairedDifference:
     def resolved(self) -> bool:
         """The interval excludes 0: the sign of the difference is resolved at the 95 % level."""
         return self.low > 0 or self.high < 0
+
+    @property
+    def two_level_half_width(self) -> float:
+        return (self.two_level_high - self.two_level_low) / 2
+
+    @property
+    def two_level_resolved(self) -> bool:
+        return self.two_level_low > 0 or self.two_level_high < 0
 
 
 def _patient_index(matched: list[_Matched]) -> tuple[list[np.ndarray], int]:
@@ -483,15 +495,23 @@ def paired_difference(runs_a: list[DbtexTables], runs_b: list[DbtexTables], n: i
     per_seed = tuple(float(a - b) for a, b in zip(full[:len(runs_a)], full[len(runs_a):]))
     index, n_patients = _patient_index(matched)
     rng = np.random.default_rng(seed)
-    differences = []
+    # Its own stream, so the patient draws (and the patient-only interval) are those of a run without it.
+    seed_rng = np.random.default_rng([seed, 1])
+    seeds = len(runs_a)
+    differences, two_level = [], []
     for _ in range(n):
+        seed_draw = seed_rng.integers(0, seeds, size=seeds)
         multiplicity = np.bincount(rng.integers(0, n_patients, size=n_patients), minlength=n_patients)
         weights = [multiplicity[codes][m.volume_patient] for codes, m in zip(index, matched)]
         if (weights[0][matched[0].box_volume].sum() == 0
                 or (weights[0][matched[0].label_volume] * matched[0].label_positive).sum() == 0):
             continue  # no lesion drawn: sensitivity undefined for every run alike
         values = [_metrics_from_match(m, w)["mean_sensitivity_positive"] for m, w in zip(matched, weights)]
-        differences.append(np.mean(values[:len(runs_a)]) - np.mean(values[len(runs_a):]))
-    low, high = np.percentile(differences, [2.5, 97.5]) if differences else (float("nan"), float("nan"))
+        differences.append(np.mean(values[:seeds]) - np.mean(values[seeds:]))
+        seed_differences = np.subtract(values[:seeds], values[seeds:])
+        two_level.append(seed_differences[seed_draw].mean())
+    nan = (float("nan"), float("nan"))
+    low, high = np.percentile(differences, [2.5, 97.5]) if differences else nan
+    two_low, two_high = np.percentile(two_level, [2.5, 97.5]) if two_level else nan
     return PairedDifference(mean=float(np.mean(per_seed)), low=float(low), high=float(high), per_seed=per_seed,
-                            resamples=len(differences))
+                            resamples=len(differences), two_level_low=float(two_low), two_level_high=float(two_high))

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import torch
 from monai.networks.blocks.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 from monai.networks.nets.resnet import ResNet, ResNetBlock, ResNetBottleneck
@@ -68,6 +69,47 @@ def distill_feature_stride(config: ModelConfig) -> int:
         return stage_stride(4)
     names = fpn_level_names(config)
     return fpn_level_strides(config)[names.index(config.distill_feature)]
+
+
+AUTO_FEATURE = "auto"
+
+
+def distill_candidates(config: ModelConfig) -> list[tuple[str, int]]:
+    """Every map ImPA and LsKD can read, (name, stride), coarsest first; at equal stride the last ResNet stage (the
+    reference's map) before the FPN level."""
+    maps = [(BACKBONE_FEATURE, stage_stride(4))]
+    if config.fpn:
+        maps += list(zip(fpn_level_names(config), fpn_level_strides(config)))
+    return sorted(maps, key=lambda item: -item[1])
+
+
+def map_shape(image_size: tuple[int, int], stride: int) -> tuple[int, int]:
+    """(h, w) of a stride-``stride`` map of an (H, W) input: every stride-2 layer of the ResNet (and the FPN's pool)
+    pads, so each halving rounds up."""
+    return -(-int(image_size[0]) // stride), -(-int(image_size[1]) // stride)
+
+
+def cells_per_axis(sides: np.ndarray, image_width: int, stride: int) -> np.ndarray:
+    """Map cells that lesion sides of ``sides`` input pixels span on a stride-``stride`` map of an image
+    ``image_width`` wide, with the lesion points' scale (map width / image width, one ratio for both axes)."""
+    return np.asarray(sides, dtype=np.float64) * (map_shape((1, image_width), stride)[1] / float(image_width))
+
+
+def choose_distill_feature(config: ModelConfig, lesion_sides: list[np.ndarray], image_widths: list[int],
+                           min_cells: float) -> tuple[str, int, float]:
+    """The coarsest map on which the median lesion spans at least ``min_cells`` cells per axis in every cache:
+    ``lesion_sides[i]`` holds the shorter sides (pixels) of cache i's training lesions, its images
+    ``image_widths[i]`` wide. Returns (name, stride, the smallest of the caches' median cells per axis there);
+    the finest map when none reaches ``min_cells``. Raises ValueError when no cache holds a lesion."""
+    caches = [(np.asarray(sides), width) for sides, width in zip(lesion_sides, image_widths) if len(sides)]
+    if not caches:
+        raise ValueError("no training lesion to size the distillation map by")
+    candidates = distill_candidates(config)
+    for name, stride in candidates:
+        median = min(float(np.median(cells_per_axis(sides, width, stride))) for sides, width in caches)
+        if median >= min_cells:
+            return name, stride, median
+    return name, stride, median
 
 
 def validate_distill_feature(config: ModelConfig) -> None:
@@ -185,6 +227,17 @@ class ResNetFPNBackbone(nn.Module):
             distill = features[self.distill_feature]
         return features, distill
 
+    def feature_maps(self, images: Tensor) -> OrderedDict[str, Tensor]:
+        """Every map the distillation can read (:func:`distill_candidates`), by name: the last ResNet stage and the
+        FPN levels, from one pass."""
+        stage_outputs = self._stages(images, 4)
+        fpn_inputs = OrderedDict((name, stage_outputs[f"layer{layer}"])
+                                 for name, layer in zip(self.level_names, self.returned_layers))
+        maps = OrderedDict([(BACKBONE_FEATURE, stage_outputs["layer4"])])
+        if self.fpn is not None:
+            maps.update(self.fpn(fpn_inputs))
+        return maps
+
     def forward(self, images: Tensor) -> OrderedDict[str, Tensor]:  # type: ignore[override]
         return self.forward_with_distill(images)[0]
 
@@ -280,7 +333,12 @@ def load_backbone_weights(body: ResNet, path: str | Path) -> list[str]:
 __all__ = [
     "RESNET_ARCHITECTURES",
     "ResNetFPNBackbone",
+    "AUTO_FEATURE",
+    "cells_per_axis",
+    "choose_distill_feature",
+    "distill_candidates",
     "distill_feature_stride",
+    "map_shape",
     "fpn_level_names",
     "fpn_level_strides",
     "load_backbone_weights",
