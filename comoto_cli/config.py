@@ -360,7 +360,7 @@ class ModelConfig(StrictModel):
                 raise ValueError("model.fpn false: the heads read one ResNet stage; set returned_layers to one, "
                                  "e.g. [4]")
             if self.distill_feature not in ("backbone", "auto"):
-                raise ValueError("model.fpn false: there are no FPN levels; distill_feature must be 'backbone'")
+                raise ValueError("model.fpn false: there are no FPN levels; distill_feature must be 'backbone' (or auto)")
         return self
 
     @field_validator("returned_layers")

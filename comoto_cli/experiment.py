@@ -80,7 +80,7 @@ def same_teacher_baseline(config: ExperimentConfig, method: str) -> str | None:
     if config.same_teacher_baseline is None:
         return None
     mode, impa = method_mode(method)
-    if not (mode.needs_teacher_cache or method_variant(method)):
+    if not mode.needs_teacher or not (mode.needs_teacher_cache or method_variant(method)):
         return None
     baseline = config.same_teacher_baseline + (ExperimentConfig.IMPA_SUFFIX if impa else "")
     return baseline if baseline in config.methods and baseline != method else None
@@ -128,19 +128,20 @@ def with_resolved_maps(config: ExperimentConfig, dbt_cache: Path, mammo_cache: P
     the training lesions of both caches (the student distils on its teacher's map); the choice in
     ``distill_map.json``."""
     teacher, student = config.teacher.model, config.student.model
-    if AUTO_FEATURE not in (teacher.distill_feature, student.distill_feature):
-        return config
-    caches = [SliceCache(dbt_cache), SliceCache(mammo_cache)]
-    try:
-        sources = [(cache, cache.slices_in_split("train")) for cache in caches]
-        teacher, teacher_choice = resolve_distill_feature(teacher, sources)
-        student, student_choice = resolve_distill_feature(student, sources)
-    finally:
-        for cache in caches:
-            cache.close()
-    choice = teacher_choice or student_choice
-    _say(console, f"experiment: {describe_choice(choice)}, over the training lesions of both caches")
-    write_json_atomic(config.out / "distill_map.json", choice)
+    if teacher.distill_feature == AUTO_FEATURE:
+        caches = [SliceCache(dbt_cache), SliceCache(mammo_cache)]
+        try:
+            teacher, choice = resolve_distill_feature(teacher, [(c, c.slices_in_split("train")) for c in caches])
+        finally:
+            for cache in caches:
+                cache.close()
+        _say(console, f"experiment: {describe_choice(choice)}, over the training lesions of both caches")
+        write_json_atomic(config.out / "distill_map.json", choice)
+    if student.distill_feature == AUTO_FEATURE:  # a student distils on its teacher's map
+        student = student.model_copy(update={"distill_feature": teacher.distill_feature})
+    elif "distill_feature" in student.model_fields_set and student.distill_feature != teacher.distill_feature:
+        raise UsageError(f"student.model.distill_feature {student.distill_feature!r} is not the teachers' map "
+                         f"{teacher.distill_feature!r}; set one map for both, or auto for both")
     return config.model_copy(update={"teacher": config.teacher.model_copy(update={"model": teacher}),
                                      "student": config.student.model_copy(update={"model": student})})
 
@@ -179,7 +180,10 @@ def run_folder(config: ExperimentConfig, method: str, ratio: float, seed: int) -
 def _student_config(config: ExperimentConfig, method: str, ratio: float, seed: int, dbt_cache: Path,
                     mammo_cache: Path) -> DistillConfig:
     mode, impa = method_mode(method)
-    payload = {**config.student.model_dump(mode="json"), "cache": str(dbt_cache),
+    student = config.student.model_dump(mode="json")
+    if mode.init == "teacher" and "distill_feature" not in config.student.model.model_fields_set:
+        del student["model"]["distill_feature"]  # left unset, a student distils on its teacher's map
+    payload = {**student, "cache": str(dbt_cache),
                "out": str(run_folder(config, method, ratio, seed)), "mode": mode.name,
                "train_ratio": ratio, "seed": seed, "val_inference": config.inference.model_dump(mode="json"),
                **config.variants.get(method_variant(method) or "", {})}
@@ -337,7 +341,10 @@ def paired_comparisons(config: ExperimentConfig, dbt_cache: Path) -> list[dict]:
                          "two_level_half_width": result.two_level_half_width,
                          "two_level_resolved": result.two_level_resolved,
                          "per_seed": " / ".join(f"{d:+.3f}" for d in result.per_seed),
-                         "seed_half_width": seed_half_width(result.per_seed), "test_patients": patients,
+                         "seed_half_width": seed_half_width(result.per_seed),
+                         "combined_half_width": combined_half_width(result.half_width,
+                                                                    seed_half_width(result.per_seed)),
+                         "test_patients": patients,
                          "patients_for_goal": patients_for_half_width(result.half_width, patients,
                                                                       config.power_goal),
                          "resamples": result.resamples})
@@ -355,6 +362,43 @@ def comparisons(config: ExperimentConfig) -> list[tuple[str, str]]:
     return list(dict.fromkeys(pairs))
 
 
+def last_diagnostics(run: Path) -> dict | None:
+    """The ``distill_diagnostics`` of a student run's last epoch line (None for a run from before them)."""
+    lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
+    return json.loads(lines[-1]).get("distill_diagnostics") if lines else None
+
+
+DIAGNOSTIC_COLUMNS = {"cells_per_axis_median": "lesion cells per axis (DBT)",
+                      "teacher_cells_per_axis_median": "lesion cells per axis (mammography)",
+                      "teacher_entropy_ratio": "teacher target entropy / flat", "kd_to_detection": "KD / detection",
+                      "lesion_step_share": "steps with lesion points", "student_drift": "student drift"}
+
+
+def _diagnostics_markdown(records: list[dict], config: ExperimentConfig) -> str:
+    """What distillation saw in each method's runs (docs/design.md, "What distillation sees"): the mean over seeds
+    of the last epoch's diagnostics."""
+    if not any(r.get("distill_diagnostics") for r in records):
+        return ""
+    lines = ["", "What distillation saw (last epoch, mean over seeds; `distill_diagnostics` in each run's "
+             "metrics.jsonl):", "",
+             "| train ratio | method | map | " + " | ".join(DIAGNOSTIC_COLUMNS.values()) + " |",
+             "|---|---|---|" + "---|" * len(DIAGNOSTIC_COLUMNS)]
+    for ratio in config.train_ratios:
+        for method in config.methods:
+            reports = [r["distill_diagnostics"] for r in records
+                       if r["method"] == method and r["train_ratio"] == ratio and r.get("distill_diagnostics")]
+            if not reports:
+                continue
+            cells = []
+            for key in DIAGNOSTIC_COLUMNS:
+                values = [r[key] for r in reports if r.get(key) is not None]
+                cells.append(f"{np.mean(values):.3g}" if values else "-")
+            shape = reports[0]["map_shape"]
+            lines.append(f"| {ratio:g} | {method_label(method)} | {reports[0]['map']} {shape[0]}x{shape[1]} "
+                         f"(stride {reports[0]['stride']}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def seed_half_width(values) -> float:
     """Half-width of the 95 % t-interval over seeds of the per-seed differences: the training-randomness spread the
     patient bootstrap (the seeds averaged) does not show; nan with one seed."""
@@ -362,6 +406,15 @@ def seed_half_width(values) -> float:
     if len(data) < 2:
         return float("nan")
     return _T95.get(len(data) - 1, 1.96) * float(data.std(ddof=1)) / math.sqrt(len(data))
+
+
+def combined_half_width(patient_half_width: float, seed_t_half_width: float) -> float:
+    """The two sources added in quadrature, the seeds' part a t-interval: with few seeds a bootstrap over them
+    cannot reach past their range (about 0.6 of the t half-width with 5 seeds), this does; the patient half-width
+    alone with one seed."""
+    if not math.isfinite(seed_t_half_width):
+        return patient_half_width
+    return math.hypot(patient_half_width, seed_t_half_width)
 
 
 def patients_for_half_width(half_width: float, patients: int, goal: float) -> int | None:
@@ -383,10 +436,13 @@ def _paired_markdown(rows: list[dict], config: ExperimentConfig) -> str:
         f"+-{config.power_goal:g}' scales the half-width as 1/sqrt(patients) (a projection, same seeds); 'seed "
         "half-width' is the 95 % t-interval of the per-seed differences, the training randomness the bootstrap does "
         "not hold. 'Seeds x patients' is the two-level bootstrap: each resample draws the seeds and the test patients "
-        "with replacement, so its interval holds both sources of variation; it is the headline interval.", "",
+        "with replacement, so its interval holds both sources of variation; it is the headline interval. With few "
+        "seeds a bootstrap over them cannot reach past their range, so 'combined' adds the patient half-width and "
+        "the seed t half-width in quadrature: the conservative reading.", "",
         f"| train ratio | method | minus | difference | 95 % CI (seeds x patients) | half-width | resolved | "
-        f"95 % CI (patients) | per seed | seed half-width | patients for +-{config.power_goal:g} |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"95 % CI (patients) | per seed | seed half-width | combined half-width | patients for "
+        f"+-{config.power_goal:g} |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         needed = row.get("patients_for_goal")
@@ -394,7 +450,8 @@ def _paired_markdown(rows: list[dict], config: ExperimentConfig) -> str:
                      f"{row['two_level_low']:+.3f} to {row['two_level_high']:+.3f} | "
                      f"{row['two_level_half_width']:.3f} | {'yes' if row['two_level_resolved'] else 'no'} | "
                      f"{row['ci95_low']:+.3f} to {row['ci95_high']:+.3f} | {row['per_seed']} | "
-                     f"{row['seed_half_width']:.3f} | {'-' if needed is None else needed} |")
+                     f"{row['seed_half_width']:.3f} | {row['combined_half_width']:.3f} | "
+                     f"{'-' if needed is None else needed} |")
     return "\n".join(lines) + "\n"
 
 
@@ -445,7 +502,8 @@ def run_experiment(config: ExperimentConfig, console=None) -> list[dict]:
         for seed in config.seeds:
             for method in config.methods:
                 metrics = _student(config, method, ratio, seed, dbt_cache, mammo_cache, console)
-                records.append({"method": method, "train_ratio": ratio, "seed": seed, **metrics})
+                records.append({"method": method, "train_ratio": ratio, "seed": seed, **metrics,
+                                "distill_diagnostics": last_diagnostics(run_folder(config, method, ratio, seed))})
     write_text_atomic(config.out / "runs.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in records))
     rows = summarise(records, config)
     columns = list(rows[0]) if rows else []
@@ -456,7 +514,8 @@ def run_experiment(config: ExperimentConfig, console=None) -> list[dict]:
         write_csv_atomic(config.out / "paired.csv", columns, [[row[c] for c in columns] for row in paired])
         _plot_paired(config.out / "paired.png", paired, config)
     write_text_atomic(config.out / "results.md",
-                      _markdown(rows, config, time.perf_counter() - started) + _paired_markdown(paired, config))
+                      _markdown(rows, config, time.perf_counter() - started) + _paired_markdown(paired, config)
+                      + _diagnostics_markdown(records, config))
     _plot(config.out / "results.png", rows, records, config)
     _say(console, (config.out / "results.md").read_text())
     _say(console, f"results: {config.out / 'results.md'}, {config.out / 'results.csv'}, {config.out / 'results.png'}")

@@ -164,3 +164,28 @@ def test_bad_variants_are_refused_when_the_config_is_read(tmp_path, changes, fra
 
     with pytest.raises(ValidationError, match=fragment):
         ExperimentConfig.model_validate({"out": str(tmp_path), **changes})
+
+
+def test_teacher_and_student_maps_are_settled_before_anything_trains(tmp_path):
+    from comoto_cli.experiment import _student_config, with_resolved_maps
+
+    def config(student_model: dict) -> ExperimentConfig:
+        return ExperimentConfig.model_validate({
+            "out": str(tmp_path), "teacher": {"model": {"backbone": "resnet18", "distill_feature": "fpn0"}},
+            "student": {"model": {"backbone": "resnet18", **student_model}}})
+
+    # Named for the teacher alone: the student distils on it, whether auto or unset.
+    resolved = with_resolved_maps(config({"distill_feature": "auto"}), tmp_path / "d.h5", tmp_path / "m.h5", None)
+    assert resolved.student.model.distill_feature == "fpn0"
+    unset = with_resolved_maps(config({}), tmp_path / "d.h5", tmp_path / "m.h5", None)
+    student = _student_config(unset, "lesion", 1.0, 0, tmp_path / "d.h5", tmp_path / "m.h5")
+    assert "distill_feature" not in student.model.model_fields_set  # distill takes the teacher's
+    with pytest.raises(UsageError, match="not the teachers' map 'fpn0'"):
+        with_resolved_maps(config({"distill_feature": "backbone"}), tmp_path / "d.h5", tmp_path / "m.h5", None)
+
+
+def test_the_combined_half_width_adds_seeds_and_patients_in_quadrature():
+    from comoto_cli.experiment import combined_half_width
+
+    assert combined_half_width(0.03, 0.04) == pytest.approx(0.05)
+    assert combined_half_width(0.03, float("nan")) == 0.03  # one seed: the patients alone

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from comoto_cli.config import ModelConfig
+from comoto_cli.engine.distributed import sum_across_ranks
 from comoto_cli.errors import UsageError
 from comoto_cli.losses import point_cells
 from comoto_cli.networks.backbone import AUTO_FEATURE, cells_per_axis, choose_distill_feature, map_shape
@@ -56,7 +57,10 @@ def distinct_cells(boxes: np.ndarray, shape: tuple[int, int], image_width: int, 
 
 
 def entropy_ratio(points: Tensor, temperature: float) -> float:
-    """Mean over channels of H(softmax(points / T)) / log P for (C, P) points: 1.0 is a flat target."""
+    """Mean over channels of H(softmax(points / T)) / log P for (C, P) points: 1.0 is a flat target; nan for P = 1
+    (one point: no distribution to be flat or peaked)."""
+    if points.shape[1] < 2:
+        return float("nan")
     probabilities = torch.softmax(points.detach().float() / temperature, dim=1)
     entropy = -(probabilities * torch.log(probabilities.clamp_min(1e-30))).sum(dim=1)
     return float((entropy / math.log(points.shape[1])).mean())
@@ -74,13 +78,15 @@ def relative_drift(model: nn.Module, start: Tensor) -> float:
 
 
 def coarse_map_warning(name: str, cells: float, config: ModelConfig, lesion_sides: list[np.ndarray],
-                       image_widths: list[int]) -> str | None:
+                       image_widths: list[int], *, from_teacher: bool = False) -> str | None:
     """One line when the median training lesion spans fewer than 2 cells per axis of the map ``name``, naming the
-    map that would reach 2 (the rule of ``distill_feature: auto``); None otherwise."""
+    map that would reach 2 (the rule of ``distill_feature: auto``); None otherwise. ``from_teacher``: the map is
+    the teacher's (a student started from it distils on it), so the advice is to train the teacher on the other."""
     if cells >= COARSE_MAP_CELLS:
         return None
     fit, stride, fit_cells = choose_distill_feature(config, lesion_sides, image_widths, COARSE_MAP_CELLS)
-    advice = (f"{fit} (stride {stride}) would give {fit_cells:.1f}: set model.distill_feature {fit} or auto"
+    where = "train the teacher with" if from_teacher else "set"
+    advice = (f"{fit} (stride {stride}) would give {fit_cells:.1f}: {where} model.distill_feature {fit} (or auto)"
               if fit_cells >= COARSE_MAP_CELLS else f"even the finest map, {fit}, gives {fit_cells:.1f}")
     return (f"warning: the median training lesion spans {cells:.1f} cells per axis of the distilled map {name}; "
             f"its lesion points mostly share cells. {advice}")
@@ -92,10 +98,11 @@ class DistillDiagnostics:
     ``observe_step`` is called for every training step (``kd`` and ``detection`` the step's terms, ``teacher``
     its (C, P) teacher points, or None on a step without a KD term); ``epoch_report`` closes the epoch."""
 
-    def __init__(self, static: dict, model: nn.Module, temperature: float):
+    def __init__(self, static: dict, model: nn.Module, temperature: float, distils: bool = True):
         self.static = static
         self.model = model
         self.temperature = temperature
+        self.distils = distils  # False: a mode without a KD term (its KD keys are None)
         self.start = weight_vector(model)
         self._epoch = None
         self._reset()
@@ -119,14 +126,17 @@ class DistillDiagnostics:
             self.entropy_sum += entropy_ratio(teacher, self.temperature)
 
     def epoch_report(self, epoch: int) -> dict:
+        """The epoch's ``distill_diagnostics``, its step sums added over every rank (a collective under DDP)."""
         mine = epoch == self._epoch
-        kd_steps = self.kd_steps if mine else 0
+        names = ("steps", "kd_steps", "kd_sum", "detection_sum", "entropy_sum", "entropy_steps")
+        sums = sum_across_ranks({name: float(getattr(self, name)) if mine else 0.0 for name in names})
+        distils = self.distils and sums["steps"] > 0
         return {"distill_diagnostics": {
             **self.static,
-            "teacher_entropy_ratio": self.entropy_sum / self.entropy_steps if mine and self.entropy_steps else None,
-            "kd_to_detection": (self.kd_sum / self.detection_sum
-                                if kd_steps and self.detection_sum > 0 else None),
-            "lesion_step_share": kd_steps / self.steps if mine and self.steps else 0.0,
+            "teacher_entropy_ratio": sums["entropy_sum"] / sums["entropy_steps"] if sums["entropy_steps"] else None,
+            "kd_to_detection": (sums["kd_sum"] / sums["detection_sum"]
+                                if sums["kd_steps"] and sums["detection_sum"] > 0 else None),
+            "lesion_step_share": sums["kd_steps"] / sums["steps"] if distils else None,
             "student_drift": relative_drift(self.model, self.start),
         }}
 
@@ -192,5 +202,6 @@ def describe_diagnostics(report: dict) -> str:
             f"in a median {number(report['cells_per_lesion_median'])} cells "
             f"({number(report['cells_per_axis_median'])} per axis); teacher target entropy "
             f"{number(report['teacher_entropy_ratio'])} of flat, KD / detection {number(report['kd_to_detection'])}, "
-            f"{report['lesion_step_share']:.0%} of steps with lesion points, student drift "
+            f"{'n/a' if report['lesion_step_share'] is None else format(report['lesion_step_share'], '.0%')} of "
+            f"steps with lesion points, student drift "
             f"{number(report['student_drift'])}")

@@ -233,10 +233,12 @@ def check_same_map(student: ModelConfig, teacher: ModelConfig, given: ModelConfi
     A student that leaves the field unset takes the teacher's."""
     if "distill_feature" not in given.model_fields_set or student.distill_feature == teacher.distill_feature:
         return
-    named = "auto chose" if given.distill_feature == AUTO_FEATURE else "names"
+    named = ("auto chose" + " (over the DBT and the teacher's training lesions)"
+             if given.distill_feature == AUTO_FEATURE else "names")
     raise UsageError(f"the teacher was trained on the distillation map {teacher.distill_feature!r}, this student's "
-                     f"model.distill_feature {named} {student.distill_feature!r}; train the teacher on the same map "
-                     "or leave the student's unset", path=path)
+                     f"model.distill_feature {named} {student.distill_feature!r}; train the teacher with "
+                     f"--distill-feature {student.distill_feature}, or leave the student's unset to distil on the "
+                     "teacher's", path=path)
 
 
 def with_input_slices(model: ModelConfig, slices: int, teacher: Path) -> ModelConfig:
@@ -325,7 +327,9 @@ def run_distill(config: DistillConfig, *, resume: bool = False, console=None) ->
         seed_everything(config.seed, config.deterministic)
         model, teacher, teacher_meta, choice = _student_and_teacher(config, mode, student_size, sources)
         model.geometry = cache.geometry
-        diagnostics, warning = _diagnostics(config, model, sources)
+        diagnostics, warning = _diagnostics(config, mode, model, sources)
+        for teacher_cache, _ in sources[1:]:  # read for its boxes; the teacher batches open their own
+            teacher_cache.close()
         extra_loss, extra_modules, teacher_info = _mode_extras(config, mode, model, teacher, student_size, env,
                                                                diagnostics)
         metadata = {
@@ -359,29 +363,30 @@ def run_distill(config: DistillConfig, *, resume: bool = False, console=None) ->
         best = summary["best_value"]
         say(f"best {summary['best_metric']} = {best if best is None else round(best, 4)} "
             f"(epoch {summary['best_epoch']}); checkpoints in {out}")
-        if summary["history"]:
-            say(describe_diagnostics(summary["history"][-1]["distill_diagnostics"]))
+        report = summary["history"][-1].get("distill_diagnostics") if summary["history"] else None
+        if report is not None:  # absent from the epochs of a run started before the diagnostics
+            say(describe_diagnostics(report))
     return summary
 
 
-def _diagnostics(config: DistillConfig, model, sources) -> tuple[DistillDiagnostics, str | None]:
-    """The run's diagnostics (the distilled map against the training lesions, measured once) and the too-coarse
-    warning line, if any."""
-    student_cache, student_rows = sources[0]
-    stride = model.backbone.distill_stride
-    name = model.config.distill_feature
-    size = (student_cache.image_height, student_cache.image_width)
-    static = map_facts(name, stride, size, training_boxes(student_cache, student_rows), config.num_points)
+def _diagnostics(config: DistillConfig, mode: DistillMode, model, sources) -> tuple[DistillDiagnostics, str | None]:
+    """The run's diagnostics (the distilled map against the training lesions, measured once) and, for a mode that
+    distils, the too-coarse warning line, if any."""
+    stride, name = model.backbone.distill_stride, model.config.distill_feature
+    boxes = [training_boxes(cache, rows) for cache, rows in sources]
+    caches = [cache for cache, _ in sources]
+    sizes = [(cache.image_height, cache.image_width) for cache in caches]
+    static = map_facts(name, stride, sizes[0], boxes[0], config.num_points)
     if len(sources) > 1:
-        mammo, mammo_rows = sources[1]
-        teacher = map_facts(name, stride, (mammo.image_height, mammo.image_width),
-                            training_boxes(mammo, mammo_rows), config.num_points)
+        teacher = map_facts(name, stride, sizes[1], boxes[1], config.num_points)
         static.update({"teacher_map_shape": teacher["map_shape"],
                        "teacher_cells_per_lesion_median": teacher["cells_per_lesion_median"],
                        "teacher_cells_per_axis_median": teacher["cells_per_axis_median"]})
-    sides = [shorter_sides(training_boxes(c, r)) for c, r in sources]
-    widths = [c.image_width for c, _ in sources]
-    medians = [float(np.median(cells_per_axis(s, w, stride))) for s, w in zip(sides, widths) if len(s)]
-    warning = coarse_map_warning(name, min(medians), model.config, sides, widths) if medians else None
-    return DistillDiagnostics(static, model, config.temperature), warning
-
+    distils = mode.needs_teacher_cache
+    warning = None
+    sides = [shorter_sides(b) for b in boxes]
+    medians = [float(np.median(cells_per_axis(s, size[1], stride))) for s, size in zip(sides, sizes) if len(s)]
+    if distils and medians:
+        warning = coarse_map_warning(name, min(medians), model.config, sides, [size[1] for size in sizes],
+                                     from_teacher=mode.init == "teacher")
+    return DistillDiagnostics(static, model, config.temperature, distils=distils), warning

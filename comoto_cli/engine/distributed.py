@@ -95,6 +95,15 @@ def reduce_mean(values: dict[str, float], counts: dict[str, int], env: DistEnv) 
     return {k: total[k] / number[k] for k in total if number[k]}
 
 
+def sum_across_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each key's sum over every rank (a collective: every rank must call it); ``values`` alone without DDP."""
+    if not is_initialized():
+        return dict(values)
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, values)
+    return {key: sum(part[key] for part in gathered) for key in values}
+
+
 def cleanup(env: DistEnv) -> None:
     if env.enabled and is_initialized():
         dist.destroy_process_group()
