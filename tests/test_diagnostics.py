@@ -193,3 +193,15 @@ def test_auto_teacher_and_student_agree_and_a_mismatch_is_one_usage_error(tmp_pa
     message = str(error.value)
     assert "\n" not in message and f"trained on the distillation map {chosen!r}" in message and other in message
     assert not (tmp_path / "other" / "last.pt").exists()
+
+
+def test_feature_maps_are_every_candidate_at_its_stride():
+    from comoto_cli.networks.backbone import distill_candidates
+
+    config = tiny_model_config()
+    detector = build_detector(config, (128, 192))
+    maps = detector.backbone.feature_maps(torch.zeros(2, 1, 128, 192))
+    assert set(maps) == {name for name, _ in distill_candidates(config)}
+    for name, stride in distill_candidates(config):
+        assert tuple(maps[name].shape[-2:]) == map_shape((128, 192), stride)
+    assert torch.equal(maps["backbone"], detector.distill_features(torch.zeros(2, 1, 128, 192)))
