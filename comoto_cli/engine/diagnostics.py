@@ -66,15 +66,25 @@ def entropy_ratio(points: Tensor, temperature: float) -> float:
     return float((entropy / math.log(points.shape[1])).mean())
 
 
+def _weights(model: nn.Module):
+    return (value.detach() for value in model.state_dict().values() if value.is_floating_point())
+
+
 def weight_vector(model: nn.Module) -> Tensor:
     """The model's floating-point parameters and buffers, flattened and copied (fp32, CPU)."""
-    return torch.cat([value.detach().float().flatten().cpu() for value in model.state_dict().values()
-                      if value.is_floating_point()])
+    return torch.cat([value.float().flatten().cpu() for value in _weights(model)])
 
 
 def relative_drift(model: nn.Module, start: Tensor) -> float:
-    """||w - w0|| / ||w0||."""
-    return float(torch.linalg.vector_norm(weight_vector(model) - start) / torch.linalg.vector_norm(start))
+    """||w - w0|| / ||w0||, one tensor at a time: no second copy of the weights (118 MiB for the default
+    ResNet-50 detector)."""
+    squared, offset = 0.0, 0
+    for value in _weights(model):
+        count = value.numel()
+        reference = start[offset:offset + count].to(value.device)
+        squared += float((value.float().flatten() - reference).square().sum())
+        offset += count
+    return math.sqrt(squared) / float(torch.linalg.vector_norm(start))
 
 
 def coarse_map_warning(name: str, cells: float, config: ModelConfig, lesion_sides: list[np.ndarray],
